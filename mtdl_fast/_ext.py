@@ -8,6 +8,8 @@ from __future__ import annotations
 import warnings
 from types import ModuleType
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from mtdl_fast import _C as _compiled
     _import_error: Exception | None = None

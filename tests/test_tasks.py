@@ -1,0 +1,240 @@
+"""DistributionTasks: sampled views against torchvision image by image, the samplers, the fused
+path against the torch path, and bad input."""
+import math
+
+import pytest
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+import mtdl_fast as mf
+from mtdl_fast.ops import OPS
+
+ALL_OPS = sorted({cls.name for cls in OPS.values()})
+BILINEAR = InterpolationMode.BILINEAR
+
+
+def photos(batch: int, channels: int = 3, height: int = 14, width: int = 19, seed: int = 0) -> torch.Tensor:
+    """Fresh random uint8 images with smooth structure (so warps and blurs have something to move)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, channels, 4, 5, generator=g)
+    smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    detail = torch.rand(batch, channels, height, width, generator=g)
+    return ((0.7 * smooth + 0.3 * detail) * 255).to(torch.uint8)
+
+
+def reference_op(name: str, config: dict, p: dict, img: torch.Tensor, i: int) -> torch.Tensor:
+    """torchvision applied to image i (float C, H, W) with op `name`'s sampled parameters."""
+    s = {k: v[i] for k, v in p.items()}
+    height, width = img.shape[-2:]
+    if name == "identity":
+        return img
+    if name == "horizontal_flip":
+        return TF.horizontal_flip(img)
+    if name == "vertical_flip":
+        return TF.vertical_flip(img)
+    if name == "rotate":
+        return TF.rotate(img, s["angle"].item(), BILINEAR, fill=config.get("fill"))
+    if name == "affine":
+        return TF.affine(img, s["angle"].item(), s["translate"].tolist(), s["scale"].item(), s["shear"].tolist(), BILINEAR)
+    if name == "resized_crop":
+        top, left, h, w = (int(v) for v in s["box"].tolist())
+        return TF.resized_crop(img, top, left, h, w, [height, width], BILINEAR, antialias=True)
+    if name in ("brightness", "contrast", "saturation", "hue", "sharpness"):
+        fn = getattr(TF, f"adjust_{name}")
+        return fn(img, s[f"{name}_factor"].item())
+    if name == "grayscale":
+        return TF.rgb_to_grayscale(img, num_output_channels=img.shape[0])
+    if name == "gaussian_blur":
+        k = config["kernel_size"]
+        return TF.gaussian_blur(img, [k, k], [s["sigma"].item()] * 2)
+    if name == "erase":
+        top, left, h, w = (int(v) for v in s["box"].tolist())
+        return TF.erase(img, top, left, h, w, torch.tensor(float(config["value"])))
+    if name == "invert":
+        return TF.invert(img)
+    if name == "solarize":
+        return TF.solarize(img, s["threshold"].item())
+    if name == "posterize":
+        return TF.posterize(img, int(s["bits"].item()))
+    raise KeyError(name)
+
+
+def reference_views(tasks: mf.DistributionTasks, x: torch.Tensor, params: mf.TaskParams) -> torch.Tensor:
+    base = TF.to_dtype(x, torch.float32, scale=True)
+    views = []
+    for spec, view_params in zip(tasks.specs, params.views):
+        images = []
+        for i in range(x.shape[0]):
+            img = base[i]
+            for op, p in zip(spec.ops, view_params):
+                img = reference_op(type(op).name, op.config, p, img, i)
+            images.append(img)
+        views.append(torch.stack(images))
+    return torch.stack(views)
+
+
+DETERMINISTIC = [name for name in ALL_OPS if name != "gaussian_noise"]
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_every_task_matches_torchvision_image_by_image(channels):
+    x = photos(5, channels, seed=channels)
+    tasks = mf.DistributionTasks(DETERMINISTIC, seed=1, backend="torch")
+    params = tasks.sample(5, (14, 19))
+    got = tasks.apply(x, params)
+    want = reference_views(tasks, x, params)
+    for k, name in enumerate(tasks.names):
+        tol = 1e-4 if name == "hue" else 1e-5
+        assert (got[k] - want[k]).abs().max().item() <= tol, name
+
+
+@pytest.mark.parametrize(
+    "task",
+    ["rotate+hue", "horizontal_flip+rotate+contrast+erase", "resized_crop+vertical_flip+posterize", "hue+rotate",
+     "gaussian_blur+saturation+solarize", ("affine+brightness", {"angle": (-90.0, 90.0), "brightness_factor": 1.3})],
+)
+def test_composite_tasks_chain_torchvision_ops(task):
+    x = photos(4, seed=7)
+    tasks = mf.DistributionTasks([task], seed=3, backend="torch")
+    params = tasks.sample(4, (14, 19))
+    assert (tasks.apply(x, params) - reference_views(tasks, x, params)).abs().max().item() <= 1e-4
+
+
+def test_float_input_equals_uint8_scaled():
+    x = photos(3)
+    tasks = mf.DistributionTasks(["rotate+contrast", "hue"], seed=0, backend="torch")
+    params = tasks.sample(3, (14, 19))
+    assert torch.equal(tasks.apply(x, params), tasks.apply(TF.to_dtype(x, torch.float32, scale=True), params))
+
+
+def test_apply_is_deterministic_and_forward_draws_fresh_parameters():
+    x = photos(4)
+    tasks = mf.DistributionTasks(mf.DEFAULT_TASKS, seed=0, backend="torch")
+    params = tasks.sample(4, (14, 19))
+    assert torch.equal(tasks.apply(x, params), tasks.apply(x, params))
+    first, second = tasks(x), tasks(x)
+    assert not torch.equal(first[3], second[3])  # rotate draws new angles each call
+    again = mf.DistributionTasks(mf.DEFAULT_TASKS, seed=0, backend="torch")
+    again.sample(4, (14, 19))
+    assert torch.equal(again(x)[3], first[3])  # same seed, same sequence of draws
+
+
+def test_sampler_ranges_and_per_image_variety():
+    tasks = mf.DistributionTasks(
+        [("rotate", {"angle": (-10.0, 20.0)}), "resized_crop", "erase", ("posterize", {"bits": (3, 5)}), "hue"], seed=5
+    )
+    params = tasks.sample(256, (32, 40))
+    angle = params.views[0][0]["angle"]
+    assert angle.min() >= -10 and angle.max() <= 20 and angle.std() > 5
+    top, left, h, w = params.views[1][0]["box"].unbind(-1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 40).all()
+    area = h * w / (32 * 40)
+    assert area.min() >= 0.2 and area.max() <= 1.0 and area.std() > 0.05
+    et, el, eh, ew = params.views[2][0]["box"].unbind(-1)
+    erased = eh * ew > 0
+    assert erased.float().mean() > 0.9
+    assert ((eh * ew / (32 * 40))[erased] <= 0.34).all() and (et + eh <= 32).all() and (el + ew <= 40).all()
+    bits = params.views[3][0]["bits"]
+    assert set(bits.unique().tolist()) == {3.0, 4.0, 5.0}
+    hue = params.views[4][0]["hue_factor"]
+    assert hue.abs().max() <= 0.25
+
+
+def test_sample_uses_the_given_generator():
+    tasks = mf.DistributionTasks(["rotate", "brightness"], seed=0)
+    a = tasks.sample(8, generator=torch.Generator().manual_seed(11))
+    b = tasks.sample(8, generator=torch.Generator().manual_seed(11))
+    c = tasks.sample(8, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(a.views[0][0]["angle"], b.views[0][0]["angle"])
+    assert not torch.equal(a.views[0][0]["angle"], c.views[0][0]["angle"])
+
+
+def test_noise_task_statistics():
+    x = torch.full((64, 3, 16, 16), 0.5)
+    tasks = mf.DistributionTasks([("gaussian_noise", {"sigma": 0.05, "clip": False})], seed=0, backend="torch")
+    params = tasks.sample(64, (16, 16))
+    noise = tasks.apply(x, params)[0] - x
+    assert abs(noise.mean().item()) < 2e-3
+    assert abs(noise.std().item() - 0.05) < 2e-3
+    assert torch.equal(tasks.apply(x, params), tasks.apply(x, params))
+
+
+def test_channels_last_empty_batch_and_nan():
+    x = photos(3)
+    tasks = mf.DistributionTasks(["rotate", "brightness", "gaussian_blur"], seed=0, backend="torch")
+    params = tasks.sample(3, (14, 19))
+    assert torch.equal(tasks.apply(x, params), tasks.apply(x.contiguous(memory_format=torch.channels_last), params))
+    empty = tasks(torch.zeros(0, 3, 14, 19, dtype=torch.uint8))
+    assert empty.shape == (3, 0, 3, 14, 19)
+    xf = TF.to_dtype(x, torch.float32, scale=True)
+    xf[0, :, 5, 5] = float("nan")
+    out = tasks.apply(xf, params)
+    assert torch.isnan(out[1, 0, :, 5, 5]).all()  # brightness keeps NaN where it was
+    assert not torch.isnan(out[:, 1:]).any()
+
+
+def test_out_dtype_and_normalisation_fused():
+    x = photos(2)
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    plain = mf.DistributionTasks(["rotate", "hue"], seed=0, backend="torch")
+    fused = mf.DistributionTasks(["rotate", "hue"], seed=0, backend="torch", out_dtype=torch.bfloat16, mean=mean, std=std)
+    params = plain.sample(2, (14, 19))
+    want = TF.normalize(plain.apply(x, params).flatten(0, 1), mean, std).reshape(2, 2, 3, 14, 19)
+    got = fused.apply(x, params)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(tasks=["rotate", "warp_speed"]), "warp_speed"),
+        (dict(tasks=[("rotate", {"angel": 3})]), "angel"),
+        (dict(tasks=[("hue", {"hue_factor": (-0.7, 0.1)})]), "hue_factor"),
+        (dict(tasks=[("posterize", {"bits": (2.5, 4)})]), "bits"),
+        (dict(tasks=[("gaussian_blur", {"kernel_size": 4})]), "kernel_size"),
+        (dict(tasks=["rotate"], backend="cuda"), "backend"),
+        (dict(tasks=["rotate"], out_dtype=torch.int32), "out_dtype"),
+        (dict(tasks=["hue+rotate"], backend="triton"), "hue\\+rotate"),
+        (dict(tasks=[]), "tasks"),
+        (dict(tasks=["rotate"], mean=[0.5]), "std"),
+    ],
+)
+def test_bad_construction_names_the_problem(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mf.DistributionTasks(**kwargs)
+
+
+def test_bad_input_names_the_argument():
+    tasks = mf.DistributionTasks(["rotate", "erase"], seed=0)
+    with pytest.raises(ValueError, match="x must have shape"):
+        tasks(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match="C=2"):
+        tasks(torch.rand(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="1.5"):
+        tasks(torch.full((1, 3, 8, 8), 1.5))
+    with pytest.raises(ValueError, match="image_size"):
+        tasks.sample(4)
+    params = tasks.sample(4, (8, 8))
+    with pytest.raises(ValueError, match="batch_size=4"):
+        tasks.apply(torch.rand(5, 3, 8, 8), params)
+    with pytest.raises(ValueError, match="image_size"):
+        tasks.apply(torch.rand(4, 3, 9, 8), params)
+    other = mf.DistributionTasks(["rotate"], seed=0)
+    with pytest.raises(ValueError, match="other tasks"):
+        other.apply(torch.rand(4, 3, 8, 8), params)
+
+
+def test_fusion_plan_folds_flips_into_one_warp():
+    from mtdl_fast.kernels import fused_views as K
+
+    tasks = mf.DistributionTasks(["horizontal_flip+vertical_flip", "identity", "gaussian_blur", "rotate+hue+contrast"])
+    params = tasks.sample(2, (6, 9))
+    spatial, codes, table = tasks.kernel_tables(params, torch.device("cpu"))
+    assert spatial.tolist() == [K.SPATIAL_WARP, K.SPATIAL_NONE, K.SPATIAL_BLUR, K.SPATIAL_WARP]
+    assert codes[3, :3].tolist() == [K.OP_HUE, K.OP_CONTRAST, K.OP_END]
+    # both flips: source (x, y) -> (W-1-x, H-1-y)
+    m = table[0, 0, K.SLOT_M0 : K.SLOT_M5 + 1].tolist()
+    assert m == [-1.0, 0.0, 8.0, 0.0, -1.0, 5.0]
+    assert math.isclose(table[3, 1, K.SLOT_HUE].item(), params.views[3][1]["hue_factor"][1].item(), rel_tol=1e-6)
