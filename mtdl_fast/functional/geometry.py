@@ -78,14 +78,17 @@ def _affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return base.view(1, height * width, 3).expand(batch, -1, -1).bmm(rescaled).view(batch, height, width, 2)
 
 
-def warp(image: torch.Tensor, theta: torch.Tensor, interpolation: str, fill: float | None) -> torch.Tensor:
+def warp(
+    image: torch.Tensor, theta: torch.Tensor, interpolation: str, fill: float | Sequence[float] | None
+) -> torch.Tensor:
     """Sample each image through its own inverse affine matrix.
 
     Args:
         image: (B, C, H, W) uint8 or float.
         theta: (B, 2, 3) or (1, 2, 3) inverse matrices from `inverse_affine_matrix`.
         interpolation: "nearest" or "bilinear".
-        fill: value for pixels sampled outside the image, or None for zeros without a mask.
+        fill: value (or one per channel) for pixels sampled outside the image, or None for zeros
+            without a mask.
 
     Returns:
         (B, C, H, W) in image's dtype (uint8 results rounded).
@@ -101,21 +104,21 @@ def warp(image: torch.Tensor, theta: torch.Tensor, interpolation: str, fill: flo
     out = F.grid_sample(src, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
     if fill is not None:
         out, mask = out[:, :channels], out[:, channels:].expand(-1, channels, -1, -1)
+        fill_img = torch.tensor(fill, dtype=dtype, device=image.device).reshape(1, -1, 1, 1)
         if interpolation == "nearest":
-            out = torch.where(mask < 0.5, torch.full_like(out, fill), out)
+            out = torch.where(mask < 0.5, fill_img.expand_as(out), out)
         else:
-            out = (out - fill) * mask + fill
+            out = (out - fill_img) * mask + fill_img
     return cast_like(out, image, round_=True)
 
 
-def _fill_value(fill: float | Sequence[float] | None) -> float | None:
+def _fill_value(fill: float | Sequence[float] | None, channels: int) -> list[float] | None:
     if fill is None:
         return None
-    if isinstance(fill, Sequence):
-        if len(set(float(f) for f in fill)) != 1:
-            raise ValueError(f"fill must be one number for all channels, got {fill!r}")
-        return float(fill[0])
-    return float(fill)
+    values = [float(f) for f in fill] if isinstance(fill, Sequence) else [float(fill)]
+    if len(values) not in (1, channels):
+        raise ValueError(f"fill must be one number or one per channel ({channels}), got {fill!r}")
+    return values
 
 
 def _center(center: Sequence[float] | None, image: torch.Tensor) -> torch.Tensor | None:
@@ -158,7 +161,7 @@ def rotate(
     ones = torch.ones(batch, dtype=torch.float64, device=angles.device)
     c = _center(center, image)
     theta = inverse_affine_matrix(-angles, zeros, ones, zeros, None if c is None else c.to(angles.device))
-    out = warp(_as_batch(image), theta, mode, _fill_value(fill))
+    out = warp(_as_batch(image), theta, mode, _fill_value(fill, image.shape[-3]))
     return out.reshape(image.shape)
 
 
@@ -192,7 +195,7 @@ def affine(
         shears.expand(batch, 2),
         None if c is None else c.to(angles.device).expand(batch, 2),
     )
-    out = warp(_as_batch(image), theta, mode, _fill_value(fill))
+    out = warp(_as_batch(image), theta, mode, _fill_value(fill, image.shape[-3]))
     return out.reshape(image.shape)
 
 
@@ -233,6 +236,8 @@ def _resized_crop(
     image: torch.Tensor, box: torch.Tensor, size: tuple[int, int], nearest: bool
 ) -> torch.Tensor:
     """box (B, 4) = top, left, height, width (integers); image (B, C, H, W) -> (B, C, *size)."""
+    if image.shape[0] == 0:
+        return image.new_empty((0, image.shape[1], *size))
     top, left, height, width = box.unbind(-1)
     out_h, out_w = size
     r0, r1, fr = _crop_axis(top, height, out_h, nearest)

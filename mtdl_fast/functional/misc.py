@@ -119,11 +119,10 @@ def erase(
     batch = batch_image.shape[0]
     box = torch.stack([p.expand(batch) if p.shape[0] == 1 else p for p in parts], dim=-1)
     value = torch.as_tensor(v, device=image.device)
-    try:
-        value = value.reshape(-1, image.shape[-3], 1, 1) if value.numel() > 1 else value
-        torch.broadcast_shapes(value.shape, (batch, image.shape[-3], 1, 1))
-    except RuntimeError as err:
-        raise ValueError(f"v must broadcast to (B, C, 1, 1), got shape {tuple(torch.as_tensor(v).shape)}") from err
+    # torchvision's v broadcasts against one image (C, h, w); a 4-D v adds the batch dimension.
+    value = value.reshape((1,) * (4 - value.ndim) + tuple(value.shape)) if value.ndim < 4 else value
+    if value.ndim != 4 or value.shape[-2:] != (1, 1) or value.shape[0] not in (1, batch) or value.shape[1] not in (1, image.shape[-3]):
+        raise ValueError(f"v must broadcast to (B, C, 1, 1), got shape {tuple(torch.as_tensor(v).shape)}")
     out = _erase(batch_image, box, value).reshape(image.shape)
     if inplace:
         image.copy_(out)
