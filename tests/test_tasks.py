@@ -238,3 +238,44 @@ def test_fusion_plan_folds_flips_into_one_warp():
     m = table[0, 0, K.SLOT_M0 : K.SLOT_M5 + 1].tolist()
     assert m == [-1.0, 0.0, 8.0, 0.0, -1.0, 5.0]
     assert math.isclose(table[3, 1, K.SLOT_HUE].item(), params.views[3][1]["hue_factor"][1].item(), rel_tol=1e-6)
+
+
+FUSABLE = [name for name in ALL_OPS if name != "gaussian_noise"] + [
+    "horizontal_flip+rotate+contrast+erase",
+    "resized_crop+vertical_flip+posterize",
+    "gaussian_blur+saturation+solarize",
+    "sharpness+hue+grayscale",
+    ("rotate+brightness", {"fill": 0.25}),
+]
+
+
+@pytest.mark.parametrize("channels, layout", [(3, "contiguous"), (1, "channels_last")])
+def test_fused_kernel_equals_torch_path(device, channels, layout):
+    """The Triton path (interpreter on CPU, native on GPU) against the torch path, same params."""
+    x = photos(3, channels, height=11, width=13, seed=4).to(device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch_tasks = mf.DistributionTasks(FUSABLE, seed=2, backend="torch")
+    triton_tasks = mf.DistributionTasks(FUSABLE, seed=2, backend="triton")
+    params = torch_tasks.sample(3, (11, 13), device=device)
+    want = torch_tasks.apply(x, params)
+    got = triton_tasks.apply(x, params)
+    for k, name in enumerate(torch_tasks.names):
+        err = (got[k] - want[k]).abs().max().item()
+        assert err <= 5e-5, (name, err)  # warps: coordinates rounded in another order (README)
+
+
+def test_fused_kernel_noise_statistics_and_bf16_normalised_output(device):
+    x = torch.full((16, 3, 12, 12), 0.5, device=device)
+    tasks = mf.DistributionTasks(
+        [("gaussian_noise", {"sigma": 0.05, "clip": False}), "hue"], seed=0, backend="triton",
+        out_dtype=torch.bfloat16, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
+    )
+    out = tasks(x).float()
+    noise = out[0] * 0.25  # undo the normalisation: (x + n - 0.5) / 0.25
+    assert abs(noise.mean().item()) < 3e-3 and abs(noise.std().item() - 0.05) < 3e-3
+    reference = mf.DistributionTasks(["hue"], seed=0, backend="torch", out_dtype=torch.bfloat16,
+                                     mean=[0.5] * 3, std=[0.25] * 3)
+    params = tasks.sample(16, (12, 12), device=device)
+    hue_only = mf.TaskParams([params.views[1]], 16, (12, 12), params.seed, params.device)
+    assert (tasks.apply(x, params)[1].float() - reference.apply(x, hue_only)[0].float()).abs().max() <= 0.02
