@@ -20,6 +20,10 @@ def _extensions():
     cu = sorted(glob.glob("csrc/*.cu"))
     want_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.version.cuda is not None and CUDA_HOME is not None)
     if want_cuda and cu:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # No visible GPU (CI, build hosts): torch cannot pick the architectures itself and fails.
+            # A100 and H100 natively, PTX for anything newer.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         ext = CUDAExtension(
             "mtdl_fast._C",
             cpp + cu,

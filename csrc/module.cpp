@@ -2,6 +2,8 @@
 // tensors out. Issue #3 adds the affinity reduction and the Gram reduction, #4 the group search.
 #include <torch/extension.h>
 
+#include "affinity.h"
+
 namespace {
 
 bool built_with_cuda() {
@@ -17,4 +19,11 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mtdl-fast compiled extension";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA sources were compiled in.");
+  m.def("affinity_update", &mtdl::affinity_update,
+        "TAG affinity step: z = 1 - lookahead / base[None, :] (float64, NaN where invalid) written to z; "
+        "the running state (total: sum, or EMA when decay is given; count) updated in place where valid. "
+        "Returns the number of invalid entries as a 0-dim int64 tensor on the inputs' device.",
+        py::arg("base"), py::arg("lookahead"), py::arg("total"), py::arg("count"), py::arg("decay"), py::arg("z"));
+  m.def("gram", &mtdl::gram, "out (K, K) float64 = grads @ grads.T for grads (K, P), accumulated in float64.",
+        py::arg("grads"), py::arg("out"));
 }

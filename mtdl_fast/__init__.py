@@ -2,10 +2,25 @@
 
     import mtdl_fast as mf
     tasks = mf.DistributionTasks(["identity", "horizontal_flip", "rotate"], seed=0)
-    views = tasks(x)   # (K, B, C, H, W)
+    views = tasks(x)                                  # (K, B, C, H, W)
+    tracker = mf.AffinityTracker(shared=trunk, heads=heads, lr=0.1)
+    z = tracker.step(views, y)                        # this step's K x K TAG affinity
 """
 from mtdl_fast import _ext, functional, tasks
+from mtdl_fast.affinity import AffinityTracker
+from mtdl_fast.affinity_propagation import affinity_propagation
+from mtdl_fast.stgu import SelectiveGroupUpdates
 from mtdl_fast.tasks import DEFAULT_TASKS, DistributionTasks, TaskParams, TaskSpec
 
-__all__ = ["DEFAULT_TASKS", "DistributionTasks", "TaskParams", "TaskSpec", "functional", "tasks"]
+__all__ = [
+    "AffinityTracker",
+    "DEFAULT_TASKS",
+    "DistributionTasks",
+    "SelectiveGroupUpdates",
+    "TaskParams",
+    "TaskSpec",
+    "affinity_propagation",
+    "functional",
+    "tasks",
+]
 __version__ = "0.1.0"

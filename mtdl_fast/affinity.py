@@ -1,0 +1,369 @@
+"""AffinityTracker: TAG inter-task affinity, batched with torch.func.
+
+One exact affinity step costs one batched backward (vmap of grad over the K tasks: every task's
+gradient of the shared parameters, and of its own head) and one batched lookahead evaluation (vmap
+over the K lookahead parameter sets and, inside, over the K task views), chunked to bound memory.
+The plain loop in `mtdl_fast.lookahead.naive_affinity` defines the result.
+
+Semantics kept from the loop: task j's loss is head j on trunk(view_j) alone, so BatchNorm in train
+mode normalises each view with its own batch statistics (a BatchNorm-free functional copy of the
+trunk does this under vmap); the model's parameters, buffers and .grad are never touched.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, replace_all_batch_norm_modules_, stack_module_state, vmap
+
+from mtdl_fast import reductions
+from mtdl_fast.lookahead import LossFn, check_optimizer, naive_affinity, preview_update
+
+_MODES = ("exact", "first_order")
+
+
+def _has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _batch_stat_copy(module: nn.Module) -> nn.Module:
+    """A weightless (meta) copy whose BatchNorm layers use batch statistics only and update
+    nothing, so it runs under vmap; every tensor it uses is passed in by functional_call."""
+    clone = copy.deepcopy(module).to("meta")
+    replace_all_batch_norm_modules_(clone)
+    return clone
+
+
+class _Functional:
+    """The trunk and the stacked heads as pure functions of their parameters."""
+
+    def __init__(self, shared: nn.Module, heads: Sequence[nn.Module], loss_fn: LossFn):
+        self.shared = shared
+        self.loss_fn = loss_fn
+        self.trainable = [n for n, p in shared.named_parameters() if p.requires_grad]
+        self.head_template = copy.deepcopy(heads[0]).to("meta")
+        self._bn_copy: nn.Module | None = None
+        self._bn_head: nn.Module | None = None
+        last = self.head_template[-1] if isinstance(self.head_template, nn.Sequential) else self.head_template
+        # Split off the final nn.Linear so the lookahead can fuse it with the cross-entropy.
+        self.final_prefix = None
+        if isinstance(last, nn.Linear):
+            if isinstance(self.head_template, nn.Sequential):
+                self.final_prefix = f"{len(self.head_template) - 1}."
+                self.head_body: nn.Module | None = nn.Sequential(*list(self.head_template)[:-1])
+            else:
+                self.final_prefix = ""
+                self.head_body = None
+
+    def trunk(self) -> nn.Module:
+        if self.shared.training and _has_batch_norm(self.shared):
+            if self._bn_copy is None:
+                self._bn_copy = _batch_stat_copy(self.shared)
+            return self._bn_copy.train()
+        return self.shared
+
+    def head(self, training: bool) -> nn.Module:
+        if training and _has_batch_norm(self.head_template):
+            if self._bn_head is None:
+                self._bn_head = _batch_stat_copy(self.head_template)
+            return self._bn_head.train()
+        return self.head_template.train(training)
+
+    def shared_params(self) -> dict[str, torch.Tensor]:
+        named = dict(self.shared.named_parameters())
+        return {n: named[n].detach() for n in self.trainable}
+
+    def constants(self, trunk: nn.Module) -> dict[str, torch.Tensor]:
+        """The original's frozen parameters, and its buffers that the called trunk still has."""
+        frozen = {n: p.detach() for n, p in self.shared.named_parameters() if not p.requires_grad}
+        buffers = dict(self.shared.named_buffers())
+        return {**frozen, **{n: buffers[n] for n, _ in trunk.named_buffers()}}
+
+
+class AffinityTracker:
+    """Running TAG affinity between K tasks that share a trunk.
+
+    Args:
+        shared: the trunk (an nn.Module); its trainable parameters are the shared parameters.
+        heads: K task heads (same architecture; head j maps trunk(view_j) to task j's output).
+        lr: lookahead step size (plain SGD). With `optimizer`, None means the optimizer's own lr.
+        mode: "exact" (TAG's lookahead losses) or "first_order" (Z[i, j] ~= lr <g_i, g_j> / L_j
+            from the Gram matrix of per-task gradients).
+        every: compute on every `every`-th call of `step` (others return None).
+        optimizer: preview this SGD/Adam/AdamW optimizer's real update (momentum, weight decay,
+            moment estimates) without changing its state.
+        chunk_size: lookahead sources evaluated at once (bounds memory); None: all K.
+        decay: EMA decay of the running affinity; None: the running mean over steps.
+        fused_ce: fuse the heads' final Linear with cross-entropy in a Triton kernel (default: on
+            CUDA when the heads end in nn.Linear and loss_fn is cross_entropy).
+    """
+
+    def __init__(
+        self,
+        shared: nn.Module,
+        heads: Sequence[nn.Module],
+        lr: float | None = None,
+        mode: str = "exact",
+        every: int = 1,
+        optimizer: torch.optim.Optimizer | None = None,
+        chunk_size: int | None = None,
+        decay: float | None = None,
+        fused_ce: bool | None = None,
+    ):
+        if not isinstance(shared, nn.Module):
+            raise ValueError(f"shared must be an nn.Module, got {type(shared).__name__}")
+        heads = list(heads)
+        if len(heads) < 1 or not all(isinstance(h, nn.Module) for h in heads):
+            raise ValueError("heads must be a non-empty sequence of nn.Module")
+        for k, head in enumerate(heads):
+            if not any(p.requires_grad for p in head.parameters()):
+                raise ValueError(f"heads[{k}] has no trainable parameters")
+        if not any(p.requires_grad for p in shared.parameters()):
+            raise ValueError("shared has no trainable parameters")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if lr is None and optimizer is None:
+            raise ValueError("lr is required when no optimizer is given")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if decay is not None and not 0 < decay < 1:
+            raise ValueError(f"decay must be in (0, 1) or None, got {decay}")
+        check_optimizer(optimizer)
+        self.shared, self.heads = shared, heads
+        self.lr, self.mode, self.every = lr, mode, every
+        self.optimizer, self.chunk_size, self.decay = optimizer, chunk_size, decay
+        self.fused_ce = fused_ce
+        self.num_tasks = len(heads)
+        self._calls = 0
+        self._attempted = 0
+        self._functional: _Functional | None = None
+        self._homogeneous = _same_architecture(heads)
+        if not self._homogeneous:
+            warnings.warn("heads differ in architecture: AffinityTracker falls back to the plain loop", stacklevel=2)
+        self.last_losses: torch.Tensor | None = None
+        self.last_task_grads: dict[str, dict[str, torch.Tensor]] | None = None
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget every accumulated step."""
+        device = next(self.shared.parameters()).device
+        k = self.num_tasks
+        self._total = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self._count = torch.zeros(k, k, dtype=torch.int64, device=device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._attempted = 0
+
+    @property
+    def affinity(self) -> torch.Tensor:
+        """(K, K) float64: running mean (or EMA) of Z[i, j]; NaN where nothing was accumulated yet."""
+        if self.decay is not None:
+            return torch.where(self._count > 0, self._total, torch.full_like(self._total, float("nan")))
+        return self._total / self._count.clamp(min=1).to(torch.float64) + torch.where(
+            self._count > 0, 0.0, float("nan")
+        )
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose losses were not all finite: skipped, the affinity left unchanged."""
+        return int(self._skipped.item())
+
+    @property
+    def steps(self) -> int:
+        """Affinity steps accumulated (computed and not skipped)."""
+        return self._attempted - self.skipped_steps
+
+    def state_dict(self) -> dict:
+        return {
+            "num_tasks": self.num_tasks,
+            "decay": self.decay,
+            "total": self._total.clone(),
+            "count": self._count.clone(),
+            "skipped": self._skipped.clone(),
+            "attempted": self._attempted,
+            "calls": self._calls,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_tasks") != self.num_tasks:
+            raise ValueError(f"state_dict is for {state.get('num_tasks')} tasks, this tracker has {self.num_tasks}")
+        if state.get("decay") != self.decay:
+            raise ValueError(f"state_dict has decay={state.get('decay')}, this tracker has decay={self.decay}")
+        device = self._total.device
+        self._total = state["total"].to(device=device, dtype=torch.float64).clone()
+        self._count = state["count"].to(device=device, dtype=torch.int64).clone()
+        self._skipped = state["skipped"].to(device=device, dtype=torch.int64).clone()
+        self._attempted = int(state["attempted"])
+        self._calls = int(state["calls"])
+
+    # ------------------------------------------------------------------ step
+    def step(
+        self, views: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn = F.cross_entropy
+    ) -> torch.Tensor | None:
+        """Measure this step's affinity and fold it into the running value.
+
+        Args:
+            views: (K, B, ...) one input batch per task.
+            targets: (B,) shared by every task or (K, B) per task.
+            loss_fn: loss(output, target) -> scalar, the mean over the batch.
+
+        Returns:
+            This step's Z (K, K) float64 (NaN everywhere when the step was skipped), or None on
+            calls that `every` skips.
+        """
+        self._calls += 1
+        if (self._calls - 1) % self.every != 0:
+            return None
+        per_task = self._check(views, targets)
+        if not self._homogeneous:
+            z_naive, base, lookahead = naive_affinity(
+                self.shared, self.heads, views, targets, self.lr, loss_fn, self.optimizer, per_task
+            )
+        elif self.mode == "exact":
+            base, lookahead = self._exact(views, targets, per_task, loss_fn)
+        else:
+            base, lookahead = self._first_order(views, targets, per_task, loss_fn)
+        finite = torch.isfinite(base).all() & torch.isfinite(lookahead).all()
+        base = torch.where(finite, base, torch.full_like(base, float("nan")))
+        self._skipped += (~finite).to(torch.int64)
+        self._attempted += 1
+        z, _ = reductions.affinity_update(base, lookahead, self._total, self._count, self.decay)
+        return z
+
+    def _check(self, views: torch.Tensor, targets: torch.Tensor) -> bool:
+        if not isinstance(views, torch.Tensor) or views.ndim < 2:
+            raise ValueError(f"views must be a (K, B, ...) tensor, got {getattr(views, 'shape', type(views))}")
+        if views.shape[0] != self.num_tasks:
+            raise ValueError(f"views has K={views.shape[0]} task views but there are {self.num_tasks} heads")
+        batch = views.shape[1]
+        if targets.shape[:1] == (batch,) and not (targets.ndim >= 2 and targets.shape[:2] == (self.num_tasks, batch)):
+            return False
+        if targets.ndim >= 2 and targets.shape[:2] == (self.num_tasks, batch):
+            return True
+        raise ValueError(
+            f"targets must have shape (B,)=({batch},) or (K, B)=({self.num_tasks}, {batch}), got {tuple(targets.shape)}"
+        )
+
+    def _model(self, loss_fn: LossFn) -> _Functional:
+        if self._functional is None or self._functional.loss_fn is not loss_fn:
+            self._functional = _Functional(self.shared, self.heads, loss_fn)
+        return self._functional
+
+    def _task_grads(self, views, targets, per_task, loss_fn):
+        """Every task's loss and gradients (shared and own head) in one batched backward."""
+        fm = self._model(loss_fn)
+        trunk = fm.trunk()
+        head = fm.head(self.heads[0].training)
+        consts = fm.constants(trunk)
+        head_params, head_buffers = stack_module_state(self.heads)
+        head_state = {**head_params, **head_buffers}
+        sp = fm.shared_params()
+
+        def loss(sp_, hp_, x, y):
+            out = functional_call(head, hp_, (functional_call(trunk, {**consts, **sp_}, (x,)),))
+            return loss_fn(out, y)
+
+        y_dim = 0 if per_task else None
+        grads, losses = vmap(
+            grad_and_value(loss, argnums=(0, 1)), in_dims=(None, 0, 0, y_dim), randomness="different"
+        )(sp, head_state, views, targets)
+        return fm, trunk, head, consts, sp, head_state, grads, losses.detach()
+
+    def _exact(self, views, targets, per_task, loss_fn):
+        fm, trunk, head, consts, sp, head_state, grads, base = self._task_grads(views, targets, per_task, loss_fn)
+        shared_grads, head_grads = grads
+        self.last_losses, self.last_task_grads = base, {"shared": shared_grads, "heads": head_grads}
+        names = list(sp)
+        params = dict(self.shared.named_parameters())  # the real tensors: the optimizer's state is keyed by them
+        new = preview_update([params[n] for n in names], [shared_grads[n] for n in names], self.optimizer, self.lr)
+        sources = dict(zip(names, new))
+        y_dim = 0 if per_task else None
+        with torch.no_grad():
+            if self._use_fused_ce(fm, views, loss_fn):
+                lookahead = self._lookahead_fused(fm, trunk, consts, sources, head_state, views, targets, per_task)
+            else:
+
+                def loss(sp_, hp_, x, y):
+                    out = functional_call(head, hp_, (functional_call(trunk, {**consts, **sp_}, (x,)),))
+                    return loss_fn(out, y)
+
+                on_targets = vmap(loss, in_dims=(None, 0, 0, y_dim), randomness="different")
+                lookahead = vmap(on_targets, in_dims=(0, None, None, None), chunk_size=self.chunk_size, randomness="different")(
+                    sources, head_state, views, targets
+                )
+        return base.to(torch.float64), lookahead.to(torch.float64)
+
+    def _use_fused_ce(self, fm: _Functional, views: torch.Tensor, loss_fn: LossFn) -> bool:
+        applicable = fm.final_prefix is not None and loss_fn is F.cross_entropy
+        if self.fused_ce is None:
+            return applicable and views.is_cuda
+        if self.fused_ce and not applicable:
+            raise ValueError("fused_ce=True needs heads ending in nn.Linear and loss_fn=F.cross_entropy")
+        return self.fused_ce
+
+    def _lookahead_fused(self, fm, trunk, consts, sources, head_state, views, targets, per_task):
+        from mtdl_fast.kernels.lookahead_ce import lookahead_cross_entropy
+
+        prefix = fm.final_prefix
+        body_state = {n: t for n, t in head_state.items() if not n.startswith(prefix)} if prefix else {}
+
+        def features(sp_, hp_, x):
+            f = functional_call(trunk, {**consts, **sp_}, (x,))
+            return functional_call(fm.head_body, hp_, (f,)) if fm.head_body is not None else f
+
+        on_targets = vmap(features, in_dims=(None, 0, 0), randomness="different")
+        feats = vmap(on_targets, in_dims=(0, None, None), chunk_size=self.chunk_size, randomness="different")(
+            sources, body_state, views
+        )
+        weight = head_state[f"{prefix}weight"]
+        bias = head_state.get(f"{prefix}bias")
+        tgt = targets if per_task else targets.expand(self.num_tasks, *targets.shape)
+        return lookahead_cross_entropy(feats.flatten(3) if feats.ndim > 4 else feats, weight, bias, tgt)
+
+    def _first_order(self, views, targets, per_task, loss_fn):
+        fm, trunk, head, consts, sp, head_state, grads, base = self._task_grads(views, targets, per_task, loss_fn)
+        shared_grads, head_grads = grads
+        self.last_losses, self.last_task_grads = base, {"shared": shared_grads, "heads": head_grads}
+        flat = torch.cat([g.reshape(self.num_tasks, -1) for g in shared_grads.values()], dim=1)
+        gram = reductions.gram(flat)
+        lr = self.lr if self.lr is not None else self.optimizer.param_groups[0]["lr"]
+        base64 = base.to(torch.float64)
+        # Pseudo lookahead losses L_j - lr <g_i, g_j>, so the reduction yields lr <g_i, g_j> / L_j.
+        return base64, base64[None, :] - lr * gram
+
+    def apply_gradients(self, weights: torch.Tensor | Sequence[float] | None = None) -> None:
+        """Write the last step's gradients into .grad, as backward() of sum_k w_k L_k would.
+
+        The per-task gradients of the last affinity step are the training gradient too: a training
+        step that tracks affinity calls this instead of a second backward. weights: (K,), default 1.
+        """
+        if self.last_task_grads is None:
+            raise ValueError("apply_gradients needs a preceding step() that computed task gradients")
+        device = self.last_losses.device
+        w = torch.ones(self.num_tasks, device=device) if weights is None else torch.as_tensor(weights, device=device)
+        if w.shape != (self.num_tasks,):
+            raise ValueError(f"weights must have shape ({self.num_tasks},), got {tuple(w.shape)}")
+        named = dict(self.shared.named_parameters())
+        for name, g in self.last_task_grads["shared"].items():
+            _add_grad(named[name], torch.tensordot(w.to(g.dtype), g, dims=1))
+        for k, head in enumerate(self.heads):
+            for name, p in head.named_parameters():
+                if name in self.last_task_grads["heads"]:
+                    _add_grad(p, w[k].to(p.dtype) * self.last_task_grads["heads"][name][k])
+
+
+def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
+
+
+def _same_architecture(heads: Sequence[nn.Module]) -> bool:
+    shapes = [[(n, t.shape) for n, t in list(h.named_parameters()) + list(h.named_buffers())] for h in heads]
+    return all(type(h) is type(heads[0]) for h in heads) and all(s == shapes[0] for s in shapes)

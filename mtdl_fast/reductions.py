@@ -1,0 +1,239 @@
+"""The compiled reductions of the affinity step, with their pure-PyTorch twins.
+
+- `affinity_update`: one TAG step (Fifty et al., 2021, Eq. 1). From the base losses ``L`` (K,) and
+  the lookahead losses ``LA`` (K, K), ``LA[i, j]`` = task j's loss after a lookahead step along task
+  i's gradient, it forms ``Z[i, j] = 1 - LA[i, j] / L[j]`` in float64 and folds it into a running
+  float64 state (a running sum, or an exponential moving average).
+- `gram`: ``G = grads @ grads.T`` in float64 for per-task gradients (K, P), the reduction behind
+  first-order affinity estimates.
+
+Each dispatches to `mtdl_fast._C` when it is built for the tensors' device and otherwise to
+`_affinity_update_torch` / `_gram_torch`, which define the meaning. ``backend="torch"`` forces the
+twin and ``backend="extension"`` requires the compiled path (tests use both).
+
+Nothing here synchronises with the GPU: the skipped count comes back as a 0-dim device tensor.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from mtdl_fast._ext import ext
+
+Backend = Literal["auto", "extension", "torch"]
+
+LOSS_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_BACKENDS = ("auto", "extension", "torch")
+
+
+# ---- dispatch -------------------------------------------------------------------------------------
+
+
+def _compiled_for(device: torch.device):
+    """The extension module when it can run on `device`, else None."""
+    mod = ext()
+    if mod is None:
+        return None
+    if device.type == "cpu":
+        return mod
+    if device.type == "cuda" and mod.built_with_cuda():
+        return mod
+    return None
+
+
+def _pick(backend: str, device: torch.device):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return None
+    mod = _compiled_for(device)
+    if mod is None and backend == "extension":
+        raise RuntimeError(
+            f"backend='extension' but mtdl_fast._C is not available for device {device} "
+            f"(extension loaded: {ext() is not None})"
+        )
+    return mod
+
+
+# ---- validation -----------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, k: int, device: torch.device) -> None:
+    _check_tensor(name, t)
+    if tuple(t.shape) != (k, k):
+        raise ValueError(f"{name} must have shape ({k}, {k}), got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of base), got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (it is updated in place), got strides {t.stride()}")
+
+
+def _check_decay(decay: object) -> float | None:
+    if decay is None:
+        return None
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+        raise ValueError(f"decay must be None or a float in (0, 1), got {decay!r}")
+    d = float(decay)
+    if not 0.0 < d < 1.0:  # also rejects NaN
+        raise ValueError(f"decay must be in (0, 1), got {decay!r}")
+    return d
+
+
+def _check_affinity_args(base, lookahead, total, count, decay) -> float | None:
+    _check_tensor("base", base)
+    _check_tensor("lookahead", lookahead)
+    if base.dim() != 1:
+        raise ValueError(f"base must be a 1-D tensor of K losses, got shape {tuple(base.shape)}")
+    k = base.shape[0]
+    if base.dtype not in LOSS_DTYPES:
+        raise ValueError(f"base must be float32, float64, float16 or bfloat16, got {base.dtype}")
+    if lookahead.dtype not in LOSS_DTYPES:
+        raise ValueError(f"lookahead must be float32, float64, float16 or bfloat16, got {lookahead.dtype}")
+    if tuple(lookahead.shape) != (k, k):
+        raise ValueError(f"lookahead must have shape ({k}, {k}) for K={k} base losses, got {tuple(lookahead.shape)}")
+    if lookahead.device != base.device:
+        raise ValueError(f"lookahead must be on {base.device} (the device of base), got {lookahead.device}")
+    _check_state("total", total, torch.float64, k, base.device)
+    _check_state("count", count, torch.int64, k, base.device)
+    return _check_decay(decay)
+
+
+# ---- affinity -------------------------------------------------------------------------------------
+
+
+def affinity_update(
+    base: torch.Tensor,
+    lookahead: torch.Tensor,
+    total: torch.Tensor,
+    count: torch.Tensor,
+    decay: float | None = None,
+    *,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one step's TAG affinity into the running state, in place.
+
+    Args:
+        base: (K,) task j's loss at the current parameters, ``L[j]``. float32, float64, float16 or
+            bfloat16; any device.
+        lookahead: (K, K) ``LA[i, j]``: task j's loss after the lookahead step along task i's gradient.
+            Same device as `base`; any of the same dtypes.
+        total: (K, K) float64 running state, updated in place: the running sum of Z when `decay` is
+            None, else the exponential moving average of Z. Contiguous, on `base`'s device.
+        count: (K, K) int64, updated in place: the number of valid observations of each entry.
+        decay: None for a running sum (the mean is ``total / count``), or the EMA decay d in (0, 1):
+            ``total = d * total + (1 - d) * Z``, with ``total = Z`` at an entry's first valid
+            observation (``count == 0``).
+        backend: "auto" (the compiled extension when built for the device, else the PyTorch twin),
+            "extension" (require the compiled path) or "torch" (force the twin).
+
+    Returns:
+        ``(z, skipped)``: this step's ``Z[i, j] = 1 - LA[i, j] / L[j]`` as a (K, K) float64 tensor
+        (source i onto target j; NaN where invalid), and the number of invalid entries as a 0-dim
+        int64 tensor on the device (read it when you need it: no host synchronisation here).
+
+    An entry is valid when ``L[j]`` is finite and > 0, ``LA[i, j]`` is finite and the resulting Z is
+    finite (the last can only fail for float64 losses near the overflow range). Invalid entries leave
+    `total` and `count` unchanged. Every input dtype converts to float64 exactly before the
+    arithmetic, and the compiled and PyTorch paths perform the same float64 operations in the same
+    order, so they agree to the last bit.
+
+    Raises:
+        ValueError: a shape, dtype, device or layout mismatch (naming the argument and the value),
+            or `decay` outside (0, 1).
+    """
+    d = _check_affinity_args(base, lookahead, total, count, decay)
+    mod = _pick(backend, base.device)
+    base, lookahead = base.detach(), lookahead.detach()
+    if mod is None:
+        return _affinity_update_torch(base, lookahead, total, count, d)
+    k = base.shape[0]
+    z = torch.empty((k, k), dtype=torch.float64, device=base.device)
+    skipped = mod.affinity_update(base, lookahead, total, count, d, z)
+    return z, skipped
+
+
+@torch.no_grad()
+def _affinity_update_torch(
+    base: torch.Tensor,
+    lookahead: torch.Tensor,
+    total: torch.Tensor,
+    count: torch.Tensor,
+    decay: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The meaning of `affinity_update` in plain PyTorch (arguments already checked)."""
+    b = base.detach().to(torch.float64)[None, :]
+    la = lookahead.detach().to(torch.float64)
+    z = 1.0 - la / b
+    valid = torch.isfinite(b) & (b > 0) & torch.isfinite(la) & torch.isfinite(z)
+    z = torch.where(valid, z, torch.full_like(z, float("nan")))
+    if decay is None:
+        updated = total + z
+    else:
+        # Same float64 operations, in the same order, as the C++ and CUDA code: d * S, (1 - d) * Z, sum.
+        updated = torch.where(count == 0, z, total * decay + z * (1.0 - decay))
+    total.copy_(torch.where(valid, updated, total))
+    count.add_(valid.to(torch.int64))
+    skipped = (~valid).sum()
+    return z, skipped
+
+
+# ---- Gram -----------------------------------------------------------------------------------------
+
+
+def gram(grads: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
+    """Gram matrix of per-task gradients, accumulated in float64.
+
+    Args:
+        grads: (K, P) per-task gradients, one row per task (the flattened shared-parameter gradient).
+            float32, float64, float16 or bfloat16; CPU or CUDA. Made contiguous if it is not.
+        backend: "auto", "extension" or "torch", as for `affinity_update`.
+
+    Returns:
+        G: (K, K) float64 on the device of `grads`, ``G[a, b] = sum_p grads[a, p] * grads[b, p]``.
+
+    Every product and every partial sum is float64 (float32, float16 and bfloat16 products are exact
+    in float64). The compiled paths are deterministic: the summation order depends on K and P only,
+    not on the thread count or the GPU; G is exactly symmetric.
+
+    Raises:
+        ValueError: `grads` is not a 2-D floating tensor of a supported dtype.
+    """
+    _check_tensor("grads", grads)
+    if grads.dim() != 2:
+        raise ValueError(f"grads must be a 2-D tensor (K, P), got shape {tuple(grads.shape)}")
+    if grads.dtype not in LOSS_DTYPES:
+        raise ValueError(f"grads must be float32, float64, float16 or bfloat16, got {grads.dtype}")
+    mod = _pick(backend, grads.device)
+    x = grads.detach().contiguous()
+    if mod is None:
+        return _gram_torch(x)
+    k = x.shape[0]
+    out = torch.empty((k, k), dtype=torch.float64, device=x.device)
+    mod.gram(x, out)
+    return out
+
+
+# Columns per float64 chunk in `_gram_torch`: bounds the float64 copy to about 256 MiB.
+_TORCH_GRAM_ELEMENTS = 1 << 25
+
+
+@torch.no_grad()
+def _gram_torch(grads: torch.Tensor) -> torch.Tensor:
+    """The meaning of `gram` in plain PyTorch: float64 matmuls over column chunks, symmetrised."""
+    k, p = grads.shape
+    g = torch.zeros((k, k), dtype=torch.float64, device=grads.device)
+    step = max(1, _TORCH_GRAM_ELEMENTS // max(k, 1))
+    for start in range(0, p, step):
+        x = grads[:, start : start + step].to(torch.float64)
+        g += x @ x.T
+    upper = torch.triu(g)
+    return upper + torch.triu(g, diagonal=1).T

@@ -1,0 +1,256 @@
+"""AffinityTracker against the plain TAG loop (float64, CPU), the optimizer preview against the real
+optimizer step, and the tracker's bookkeeping, side effects and errors."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mtdl_fast as mf
+from mtdl_fast.affinity import AffinityTracker
+from mtdl_fast.lookahead import naive_affinity, preview_update
+
+K, B, CLASSES = 3, 6, 4
+
+
+def mlp_model(seed: int = 0):
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 8), nn.ReLU()).double()
+    heads = nn.ModuleList([nn.Linear(8, CLASSES) for _ in range(K)]).double()
+    views = torch.randn(K, B, 3, 2, 2, dtype=torch.float64)
+    return trunk, heads, views
+
+
+def conv_bn_model(seed: int = 0):
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 6, 3, stride=2), nn.BatchNorm2d(6),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ).double()
+    heads = nn.ModuleList([nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, CLASSES)) for _ in range(K)]).double()
+    views = torch.rand(K, B, 3, 7, 7, dtype=torch.float64)
+    return trunk, heads, views
+
+
+def labels(per_task: bool, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CLASSES, (K, B) if per_task else (B,), generator=g)
+
+
+def snapshot(*modules):
+    return [t.detach().clone() for m in modules for t in list(m.parameters()) + list(m.buffers())]
+
+
+@pytest.mark.parametrize("model", [mlp_model, conv_bn_model])
+@pytest.mark.parametrize("per_task", [False, True])
+def test_batched_exact_equals_naive_loop(model, per_task):
+    trunk, heads, views = model()
+    y = labels(per_task)
+    want, _, _ = naive_affinity(trunk, heads, views, y, lr=0.3)
+    got = AffinityTracker(trunk, heads, lr=0.3).step(views, y)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    assert want.abs().max() > 1e-3  # the test compares something that moves
+
+
+def make_optimizer(kind: str, params):
+    return {
+        "sgd_momentum": lambda: torch.optim.SGD(params, lr=0.2, momentum=0.9, dampening=0.1),
+        "sgd_nesterov_wd": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01),
+        "adam": lambda: torch.optim.Adam(params, lr=0.01, weight_decay=0.001),
+        "adamw_amsgrad": lambda: torch.optim.AdamW(params, lr=0.02, weight_decay=0.05, amsgrad=True),
+    }[kind]()
+
+
+def warm_up(optimizer, trunk, heads, views, y, steps=2):
+    """A few real steps so the optimizer has momentum / moment state to preview."""
+    for _ in range(steps):
+        optimizer.zero_grad()
+        sum(F.cross_entropy(heads[j](trunk(views[j])), y) for j in range(K)).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("kind", ["sgd_momentum", "sgd_nesterov_wd", "adam", "adamw_amsgrad"])
+def test_preview_equals_the_real_optimizer_step(kind):
+    trunk, heads, views = mlp_model()
+    y = labels(False)
+    opt = make_optimizer(kind, list(trunk.parameters()) + list(heads.parameters()))
+    warm_up(opt, trunk, heads, views, y)
+    grads = [torch.randn_like(p) for p in trunk.parameters()]
+    state_before = copy.deepcopy(opt.state_dict())
+    preview = preview_update(list(trunk.parameters()), [g.unsqueeze(0) for g in grads], opt)
+    assert str(opt.state_dict()) == str(state_before)  # the preview changed no optimizer state
+    # reference: really step a copy of the optimizer with those gradients
+    trunk_copy = copy.deepcopy(trunk)
+    opt_copy = make_optimizer(kind, list(trunk_copy.parameters()))
+    full = opt.state_dict()
+    n = len(list(trunk.parameters()))
+    opt_copy.load_state_dict({"state": {i: full["state"][i] for i in range(n) if i in full["state"]},
+                              "param_groups": [{**full["param_groups"][0], "params": list(range(n))}]})
+    for p, g in zip(trunk_copy.parameters(), grads):
+        p.grad = g.clone()
+    opt_copy.step()
+    for got, want in zip(preview, trunk_copy.parameters()):
+        assert torch.allclose(got[0], want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["sgd_momentum", "adam"])
+def test_batched_exact_with_optimizer_equals_naive(kind):
+    trunk, heads, views = conv_bn_model()
+    y = labels(False)
+    opt = make_optimizer(kind, list(trunk.parameters()) + list(heads.parameters()))
+    warm_up(opt, trunk, heads, views, y)
+    want, _, _ = naive_affinity(trunk, heads, views, y, optimizer=opt)
+    got = AffinityTracker(trunk, heads, optimizer=opt).step(views, y)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_tracker_leaves_parameters_buffers_and_grads_untouched():
+    trunk, heads, views = conv_bn_model()
+    y = labels(False)
+    for p in list(trunk.parameters()) + list(heads.parameters()):
+        p.grad = torch.randn_like(p)
+    grads = [p.grad.clone() for p in list(trunk.parameters()) + list(heads.parameters())]
+    before = snapshot(trunk, heads)
+    tracker = AffinityTracker(trunk, heads, lr=0.1)
+    tracker.step(views, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(trunk, heads)))  # BN running stats included
+    assert all(torch.equal(p.grad, g) for p, g in zip(list(trunk.parameters()) + list(heads.parameters()), grads))
+
+
+def test_chunking_does_not_change_the_result():
+    trunk, heads, views = conv_bn_model()
+    y = labels(True)
+    whole = AffinityTracker(trunk, heads, lr=0.2).step(views, y)
+    chunked = AffinityTracker(trunk, heads, lr=0.2, chunk_size=1).step(views, y)
+    assert torch.allclose(whole, chunked, atol=1e-12, rtol=0)
+
+
+def test_first_order_is_the_gradient_gram_estimate():
+    trunk, heads, views = mlp_model()
+    y = labels(False)
+    lr = 1e-4
+    got = AffinityTracker(trunk, heads, lr=lr, mode="first_order").step(views, y)
+    params = [p for p in trunk.parameters()]
+    losses = [F.cross_entropy(heads[j](trunk(views[j])), y) for j in range(K)]
+    values = [float(loss.detach()) for loss in losses]
+    flat = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[i], params, retain_graph=True)]) for i in range(K)]
+    want = torch.tensor([[lr * float(flat[i] @ flat[j]) / values[j] for j in range(K)] for i in range(K)],
+                        dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-15)
+    exact = AffinityTracker(trunk, heads, lr=lr).step(views, y)
+    assert torch.allclose(got, exact, rtol=1e-2, atol=1e-9)  # a first-order Taylor estimate of the exact value
+
+
+def test_running_mean_ema_and_every():
+    trunk, heads, views = mlp_model()
+    y = labels(False)
+    tracker = AffinityTracker(trunk, heads, lr=0.1, every=2)
+    ema = AffinityTracker(trunk, heads, lr=0.1, decay=0.9)
+    zs = []
+    for step in range(4):
+        v = views + 0.1 * step
+        z = tracker.step(v, y)
+        assert (z is None) == (step % 2 == 1)
+        if z is not None:
+            zs.append(z)
+        ema.step(v, y)
+    assert tracker.steps == 2
+    assert torch.allclose(tracker.affinity, torch.stack(zs).mean(0), atol=1e-12)
+    expected = None
+    for step in range(4):
+        z = naive_affinity(trunk, heads, views + 0.1 * step, y, lr=0.1)[0]
+        expected = z if expected is None else 0.9 * expected + 0.1 * z
+    assert torch.allclose(ema.affinity, expected, atol=1e-9)
+
+
+def test_non_finite_losses_are_skipped_and_counted():
+    trunk, heads, views = mlp_model()
+    y = labels(False)
+    tracker = AffinityTracker(trunk, heads, lr=0.1)
+    tracker.step(views, y)
+    before = tracker.affinity.clone()
+    bad = views.clone()
+    bad[1, 0, 0] = float("nan")
+    z = tracker.step(bad, y)
+    assert torch.isnan(z).all()
+    assert tracker.skipped_steps == 1 and tracker.steps == 1
+    assert torch.equal(tracker.affinity, before)
+
+
+def test_state_dict_round_trip_and_reset():
+    trunk, heads, views = mlp_model()
+    y = labels(False)
+    tracker = AffinityTracker(trunk, heads, lr=0.1)
+    tracker.step(views, y)
+    tracker.step(views * 0.5, y)
+    restored = AffinityTracker(trunk, heads, lr=0.1)
+    restored.load_state_dict(tracker.state_dict())
+    assert torch.equal(restored.affinity, tracker.affinity) and restored.steps == 2
+    tracker.step(views, y)
+    restored.step(views, y)
+    assert torch.equal(restored.affinity, tracker.affinity)
+    tracker.reset()
+    assert tracker.steps == 0 and torch.isnan(tracker.affinity).all()
+    with pytest.raises(ValueError, match="tasks"):
+        AffinityTracker(trunk, list(heads)[:2], lr=0.1).load_state_dict(restored.state_dict())
+
+
+def test_apply_gradients_equals_backward_of_the_weighted_sum():
+    trunk, heads, views = conv_bn_model()
+    y = labels(True)
+    weights = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    tracker = AffinityTracker(trunk, heads, lr=0.1)
+    tracker.step(views, y)
+    tracker.apply_gradients(weights)
+    got = [p.grad.clone() for p in list(trunk.parameters()) + list(heads.parameters())]
+    for p in list(trunk.parameters()) + list(heads.parameters()):
+        p.grad = None
+    sum(weights[j] * F.cross_entropy(heads[j](trunk(views[j])), y[j]) for j in range(K)).backward()
+    want = [p.grad for p in list(trunk.parameters()) + list(heads.parameters())]
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(got, want))
+
+
+def test_heterogeneous_heads_fall_back_to_the_loop():
+    trunk, heads, views = mlp_model()
+    y = labels(False)
+    mixed = [heads[0], nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, CLASSES)).double(), heads[2]]
+    with pytest.warns(UserWarning, match="plain loop"):
+        tracker = AffinityTracker(trunk, mixed, lr=0.2)
+    assert torch.allclose(tracker.step(views, y), naive_affinity(trunk, mixed, views, y, lr=0.2)[0], atol=1e-12)
+
+
+def test_fused_cross_entropy_path_equals_generic():
+    trunk, heads, views = conv_bn_model()
+    trunk, heads, views = trunk.float(), heads.float(), views.float()
+    y = labels(True)
+    generic = AffinityTracker(trunk, heads, lr=0.2, fused_ce=False).step(views, y)
+    fused = AffinityTracker(trunk, heads, lr=0.2, fused_ce=True).step(views, y)
+    assert torch.allclose(generic, fused, atol=1e-5, rtol=0)
+
+
+def test_bad_input_is_named():
+    trunk, heads, views = mlp_model()
+    y = labels(False)
+    with pytest.raises(ValueError, match="lr"):
+        AffinityTracker(trunk, heads, lr=0.0)
+    with pytest.raises(ValueError, match="lr is required"):
+        AffinityTracker(trunk, heads)
+    with pytest.raises(ValueError, match="mode"):
+        AffinityTracker(trunk, heads, lr=0.1, mode="second_order")
+    with pytest.raises(ValueError, match=r"heads\[1\]"):
+        AffinityTracker(trunk, [heads[0], nn.ReLU(), heads[2]], lr=0.1)
+    with pytest.raises(ValueError, match="decay"):
+        AffinityTracker(trunk, heads, lr=0.1, decay=1.5)
+    with pytest.raises(ValueError, match="optimizer"):
+        AffinityTracker(trunk, heads, optimizer=torch.optim.RMSprop(trunk.parameters(), lr=0.1))
+    tracker = AffinityTracker(trunk, heads, lr=0.1)
+    with pytest.raises(ValueError, match="K=2"):
+        tracker.step(views[:2], y)
+    with pytest.raises(ValueError, match="targets"):
+        tracker.step(views, y[:4])
+
+
+def test_exported_from_the_package():
+    assert mf.AffinityTracker is AffinityTracker

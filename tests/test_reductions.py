@@ -1,0 +1,506 @@
+"""mtdl_fast.reductions: the compiled affinity accumulation and Gram reduction against their
+pure-PyTorch twins and against independent float64 references (a plain-Python loop for the
+affinity step, NumPy and exact `math.fsum` sums for the Gram matrix). CUDA variants compare the
+CUDA path with the CPU path and skip themselves without a GPU."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import requires_cuda
+from mtdl_fast import reductions as R
+from mtdl_fast._ext import ext
+
+HAS_EXT = ext() is not None
+HAS_CUDA_EXT = HAS_EXT and torch.cuda.is_available() and ext().built_with_cuda()
+requires_ext = pytest.mark.skipif(not HAS_EXT, reason="mtdl_fast._C is not built")
+requires_cuda_ext = pytest.mark.skipif(not HAS_CUDA_EXT, reason="needs a CUDA GPU and _C built with CUDA")
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+BACKENDS = ["extension", "torch"]
+POISON = 1.2345e300  # a finite value no reduction produces here: every entry must be overwritten
+
+
+def backend_params():
+    return [pytest.param("extension", marks=requires_ext), "torch"]
+
+
+# ---- affinity: inputs and the independent reference -------------------------------------------------
+
+
+def make_losses(k: int, dtype: torch.dtype, seed: int, specials: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh random base (K,) and lookahead (K, K) losses; with `specials`, some base losses are
+    zero, negative, NaN or inf and some lookahead losses NaN, +inf or -inf (and, for float64, a
+    pair whose ratio overflows)."""
+    g = torch.Generator().manual_seed(seed)
+    base = 0.2 + 2.0 * torch.rand(k, generator=g, dtype=torch.float64)
+    look = base[None, :] * (1.0 + 0.3 * torch.randn(k, k, generator=g, dtype=torch.float64))
+    if specials:
+        idx = torch.randperm(k, generator=g)
+        base[idx[0]] = 0.0
+        base[idx[1]] = -0.7
+        base[idx[2]] = float("nan")
+        base[idx[3]] = float("inf")
+        flat = torch.randperm(k * k, generator=g)
+        look.view(-1)[flat[0]] = float("nan")
+        look.view(-1)[flat[1]] = float("inf")
+        look.view(-1)[flat[2]] = float("-inf")
+        look.view(-1)[flat[3]] = -0.25  # a finite negative lookahead loss is valid (Z > 1)
+        if dtype == torch.float64:  # Z = 1 - 1e300 / 1e-300 overflows: invalid
+            j = int(idx[4])
+            base[j] = 1e-300
+            look[int(flat[4]) // k, j] = 1e300
+    return base.to(dtype), look.to(dtype)
+
+
+def loop_step(base, look, total: np.ndarray, count: np.ndarray, decay):
+    """One affinity step on Python floats, entry by entry. Updates total and count; returns (z, skipped)."""
+    b = base.double().tolist()
+    la = look.double().tolist()
+    k = len(b)
+    z = np.full((k, k), np.nan)
+    skipped = 0
+    for i in range(k):
+        for j in range(k):
+            lj, v = b[j], la[i][j]
+            if not (math.isfinite(lj) and lj > 0 and math.isfinite(v)):
+                skipped += 1
+                continue
+            zij = 1.0 - v / lj
+            if not math.isfinite(zij):
+                skipped += 1
+                continue
+            z[i, j] = zij
+            if decay is None:
+                total[i, j] = total[i, j] + zij
+            elif count[i, j] == 0:
+                total[i, j] = zij
+            else:
+                total[i, j] = decay * total[i, j] + (1.0 - decay) * zij
+            count[i, j] += 1
+    return z, skipped
+
+
+def fresh_state(k: int, seed: int, zero: bool = False):
+    """A running state that is not all zeros: random totals and counts, some counts zero."""
+    if zero:
+        return torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.int64)
+    g = torch.Generator().manual_seed(1000 + seed)
+    total = torch.randn(k, k, generator=g, dtype=torch.float64)
+    count = torch.randint(0, 4, (k, k), generator=g, dtype=torch.int64)
+    return total, count
+
+
+def assert_same(actual: torch.Tensor, expected, exact: bool = True) -> None:
+    expected = torch.as_tensor(np.asarray(expected))
+    actual = actual.cpu()
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    if exact:
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-14, atol=1e-15, equal_nan=True)
+
+
+# ---- affinity: tests --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("decay", [None, 0.9])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_affinity_matches_loop_over_steps(dtype, decay, backend):
+    k, steps = 9, 4
+    total, count = fresh_state(k, seed=DTYPES.index(dtype) + (0 if decay is None else 10))
+    ref_total, ref_count = total.numpy().copy(), count.numpy().copy()
+    for step in range(steps):
+        base, look = make_losses(k, dtype, seed=17 * step + DTYPES.index(dtype))
+        z, skipped = R.affinity_update(base, look, total, count, decay, backend=backend)
+        ref_z, ref_skipped = loop_step(base, look, ref_total, ref_count, decay)
+        assert z.dtype == torch.float64 and z.shape == (k, k)
+        assert skipped.dtype == torch.int64 and skipped.dim() == 0 and skipped.device == base.device
+        assert int(skipped) == ref_skipped >= 7  # the specials above make at least 7 entries invalid
+        assert_same(z, ref_z)  # one division, one subtraction: exact
+        assert_same(count, ref_count)
+        assert_same(total, ref_total, exact=decay is None)  # EMA: a compiler may fuse a multiply-add
+
+
+@requires_ext
+@pytest.mark.parametrize("decay", [None, 0.75])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.float64, torch.float16), (torch.float16, torch.bfloat16)])
+def test_affinity_extension_equals_torch(dtypes, decay):
+    """The compiled CPU path and the PyTorch twin agree to the last bit, mixed dtypes included."""
+    k = 13
+    states = [fresh_state(k, seed=3), fresh_state(k, seed=3)]
+    for step in range(3):
+        base, _ = make_losses(k, dtypes[0], seed=100 + step)
+        _, look = make_losses(k, dtypes[1], seed=200 + step)
+        out_ext = R.affinity_update(base, look, *states[0], decay, backend="extension")
+        out_torch = R.affinity_update(base, look, *states[1], decay, backend="torch")
+        for a, b in zip(out_ext + states[0], out_torch + states[1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_running_mean_is_mean_of_valid_z(dtype, backend):
+    k, steps = 8, 6
+    total, count = fresh_state(k, 0, zero=True)
+    zs = []
+    for step in range(steps):
+        base, look = make_losses(k, dtype, seed=50 + step)
+        z, _ = R.affinity_update(base, look, total, count, backend=backend)
+        zs.append(z.numpy())
+    stack = np.stack(zs)
+    valid = np.isfinite(stack)
+    np.testing.assert_array_equal(count.numpy(), valid.sum(0))
+    seen = count.numpy() > 0
+    assert seen.sum() > k * k // 2
+    mean = np.where(seen, np.nansum(stack, 0) / np.maximum(valid.sum(0), 1), 0.0)
+    np.testing.assert_allclose((total / count.clamp(min=1)).numpy()[seen], mean[seen], rtol=1e-13, atol=1e-14)
+    np.testing.assert_array_equal(total.numpy()[~seen], 0.0)  # never observed: untouched
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_ema_starts_at_first_valid_observation(backend):
+    """EMA entries start at Z when count == 0, whatever total holds, and then decay; invalid steps
+    leave them alone."""
+    k, d = 3, 0.8
+    total = torch.full((k, k), 123.0, dtype=torch.float64)  # garbage that must be replaced
+    count = torch.zeros(k, k, dtype=torch.int64)
+    f64 = dict(dtype=torch.float64)
+    base = torch.tensor([1.0, float("nan"), 2.0], **f64)
+    look1 = torch.tensor([[0.5, 1.0, 1.0], [0.9, 1.0, 3.0], [float("inf"), 1.0, 1.5]], **f64)
+    z1, s1 = R.affinity_update(base, look1, total, count, d, backend=backend)
+    assert int(s1) == 4  # column 1 (base NaN) and look1[2, 0] (inf)
+    expect = np.array([[0.5, 123.0, 0.5], [0.1, 123.0, -0.5], [123.0, 123.0, 0.25]])
+    np.testing.assert_allclose(total.numpy(), expect, rtol=1e-15)
+    np.testing.assert_array_equal(count.numpy(), [[1, 0, 1], [1, 0, 1], [0, 0, 1]])
+    base2 = torch.tensor([2.0, 4.0, 1.0], dtype=torch.bfloat16)  # dtypes may change between steps
+    look2 = torch.ones(3, 3, dtype=torch.float16)
+    z2, s2 = R.affinity_update(base2, look2, total, count, d, backend=backend)
+    assert int(s2) == 0
+    z2n = z2.numpy()
+    np.testing.assert_allclose(z2n, [[0.5, 0.75, 0.0]] * 3, rtol=1e-15)
+    first = count.numpy() == 1  # entries whose first valid observation was this step
+    np.testing.assert_array_equal(first, [[False, True, False], [False, True, False], [True, True, False]])
+    np.testing.assert_allclose(total.numpy()[first], z2n[first], rtol=0)
+    np.testing.assert_allclose(total.numpy()[~first], (d * expect + (1 - d) * z2n)[~first], rtol=1e-15)
+
+
+@requires_ext
+@pytest.mark.parametrize("decay", [None, 0.5])
+def test_affinity_extension_writes_every_z(decay):
+    k = 11
+    base, look = make_losses(k, torch.float32, seed=7)
+    total, count = fresh_state(k, seed=7)
+    ref_total, ref_count = total.numpy().copy(), count.numpy().copy()
+    z = torch.full((k, k), POISON, dtype=torch.float64)
+    skipped = ext().affinity_update(base, look, total, count, decay, z)
+    ref_z, ref_skipped = loop_step(base, look, ref_total, ref_count, decay)
+    assert not (z == POISON).any()
+    assert_same(z, ref_z)
+    assert int(skipped) == ref_skipped
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_affinity_accepts_views_and_graph_outputs(backend):
+    k = 6
+    base, look = make_losses(k, torch.float32, seed=9)
+    base = base.clone().requires_grad_(True)
+    look_t = look.T.contiguous().T  # non-contiguous view with the same values
+    assert not look_t.is_contiguous()
+    total, count = fresh_state(k, seed=9)
+    ref_total, ref_count = total.numpy().copy(), count.numpy().copy()
+    z, skipped = R.affinity_update(base * 1.0, look_t, total, count, backend=backend)
+    ref_z, ref_skipped = loop_step(base.detach(), look, ref_total, ref_count, None)
+    assert not z.requires_grad
+    assert_same(z, ref_z)
+    assert_same(total, ref_total)
+    assert int(skipped) == ref_skipped
+
+
+def test_affinity_bad_inputs():
+    k = 4
+    base, look = make_losses(k, torch.float32, seed=1, specials=False)
+    total, count = fresh_state(k, 1)
+    ok = dict(base=base, lookahead=look, total=total, count=count)
+    cases = [
+        (dict(base=base[None]), "base must be a 1-D"),
+        (dict(base=base.to(torch.int64)), "base must be float32"),
+        (dict(base=[1.0, 2.0]), "base must be a torch.Tensor"),
+        (dict(lookahead=look[:3]), r"lookahead must have shape \(4, 4\).*\(3, 4\)"),
+        (dict(lookahead=look.to(torch.int32)), "lookahead must be float32"),
+        (dict(lookahead=look.to("meta")), "lookahead must be on cpu.*meta"),
+        (dict(total=total.float()), "total must have dtype torch.float64.*float32"),
+        (dict(total=total[:2]), r"total must have shape \(4, 4\).*\(2, 4\)"),
+        (dict(total=total.T), "total must be contiguous"),
+        (dict(count=count.to(torch.int32)), "count must have dtype torch.int64"),
+        (dict(count=count.to("meta")), "count must be on cpu.*meta"),
+    ]
+    for override, message in cases:
+        with pytest.raises(ValueError, match=message):
+            R.affinity_update(**{**ok, **override})
+    for decay in (0.0, 1.0, -0.5, 1.5, float("nan"), True, "0.9"):
+        with pytest.raises(ValueError, match="decay must"):
+            R.affinity_update(**ok, decay=decay)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        R.affinity_update(**ok, backend="numpy")
+    # nothing was modified by the rejected calls
+    assert_same(total, fresh_state(k, 1)[0])
+    assert_same(count, fresh_state(k, 1)[1])
+
+
+@requires_ext
+def test_affinity_extension_checks_its_arguments():
+    """The bindings check for themselves (callers may skip the Python layer)."""
+    k = 3
+    base, look = make_losses(k, torch.float32, seed=2, specials=False)
+    total, count = fresh_state(k, 2)
+    z = torch.empty(k, k, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="decay must be in"):
+        ext().affinity_update(base, look, total, count, 1.0, z)
+    with pytest.raises(RuntimeError, match="count must be Long"):
+        ext().affinity_update(base, look, total, count.int(), None, z)
+    with pytest.raises(RuntimeError, match="lookahead must have shape"):
+        ext().affinity_update(base, look[:, :2], total, count, None, z)
+    with pytest.raises(RuntimeError, match="z must have shape"):
+        ext().affinity_update(base, look, total, count, None, z[:2])
+
+
+# ---- Gram -------------------------------------------------------------------------------------------
+
+
+def make_grads(k: int, p: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random per-task gradients with shared structure (so off-diagonal entries are not ~0), rows of
+    different scales."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(1, p, generator=g)
+    own = torch.randn(k, p, generator=g)
+    mix = torch.rand(k, 1, generator=g)
+    scale = torch.logspace(-2, 2, k)[:, None] if k > 1 else torch.ones(1, 1)
+    return ((mix * common + own) * scale).to(dtype)
+
+
+def assert_gram_close(actual: torch.Tensor, expected: np.ndarray, rtol: float) -> None:
+    """|G - ref| <= rtol * sqrt(G_aa G_bb): relative to the Cauchy-Schwarz bound of each entry."""
+    actual = actual.cpu().numpy()
+    assert actual.dtype == np.float64 and actual.shape == expected.shape
+    d = np.sqrt(np.abs(np.diag(expected)))
+    bound = rtol * np.outer(d, d) + 1e-300
+    err = np.abs(actual - expected)
+    assert (err <= bound).all(), f"max scaled error {np.max(err / bound) * rtol:.3e} > {rtol:.1e}"
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [1, 7, 100003])
+@pytest.mark.parametrize("k", [1, 3, 10, 33])
+def test_gram_matches_numpy(k, p, dtype, backend):
+    x = make_grads(k, p, dtype, seed=k * 1000 + p % 997)
+    x64 = x.double().numpy()
+    ref = x64 @ x64.T
+    g = R.gram(x, backend=backend)
+    assert g.dtype == torch.float64 and g.shape == (k, k)
+    assert torch.equal(g, g.T)
+    assert_gram_close(g, ref, rtol=1e-12)
+
+
+def test_gram_float32_against_exact_sums():
+    """float32 inputs: every product is exact in float64, so math.fsum gives the exact reference."""
+    k, p = 3, 1_000_000
+    x = make_grads(k, p, torch.float32, seed=5)
+    rows = x.double().numpy()
+    results = [R.gram(x, backend=b).numpy() for b in (["extension"] if HAS_EXT else []) + ["torch"]]
+    for a in range(k):
+        for b in range(a + 1):
+            exact = math.fsum((rows[a] * rows[b]).tolist())
+            scale = math.sqrt(float(np.dot(rows[a], rows[a])) * float(np.dot(rows[b], rows[b])))
+            for g in results:
+                assert abs(g[a, b] - exact) <= 1e-13 * scale, (a, b, g[a, b], exact)
+                assert abs(g[a, b] - exact) <= 1e-6 * abs(exact)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_gram_float64_large_p(backend):
+    k, p = 4, 1_000_000
+    x = make_grads(k, p, torch.float64, seed=6)
+    ref = x.numpy() @ x.numpy().T
+    g = R.gram(x, backend=backend)
+    assert_gram_close(g, ref, rtol=1e-12)
+    np.testing.assert_allclose(np.diag(g.numpy()), np.diag(ref), rtol=1e-10)
+
+
+@requires_ext
+def test_gram_extension_deterministic_across_threads():
+    x = make_grads(10, 300_001, torch.float32, seed=8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = R.gram(x, backend="extension")
+        torch.set_num_threads(max(2, before))
+        many = R.gram(x, backend="extension")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+@requires_ext
+@pytest.mark.parametrize("p", [0, 5, 70001])
+def test_gram_extension_writes_every_entry(p):
+    k = 6
+    x = make_grads(k, max(p, 1), torch.float32, seed=p)[:, :p]
+    out = torch.full((k, k), POISON, dtype=torch.float64)
+    ext().gram(x.contiguous(), out)
+    assert not (out == POISON).any()
+    ref = x.double().numpy() @ x.double().numpy().T
+    assert_gram_close(out, ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_gram_non_contiguous_and_empty(backend):
+    x = make_grads(5, 1001, torch.float32, seed=4)
+    strided = torch.empty(1001, 5).T  # (5, 1001) column-major view
+    strided.copy_(x)
+    assert not strided.is_contiguous()
+    assert torch.equal(R.gram(strided, backend=backend), R.gram(x, backend=backend))
+    assert torch.equal(R.gram(x[:, :0], backend=backend), torch.zeros(5, 5, dtype=torch.float64))
+    assert R.gram(x[:0], backend=backend).shape == (0, 0)
+
+
+@requires_ext
+def test_gram_extension_equals_torch_closely():
+    x = make_grads(17, 50_000, torch.bfloat16, seed=12)
+    assert_gram_close(R.gram(x, backend="extension"), R.gram(x, backend="torch").numpy(), rtol=1e-13)
+
+
+def test_gram_bad_inputs():
+    with pytest.raises(ValueError, match=r"grads must be a 2-D tensor \(K, P\), got shape \(5,\)"):
+        R.gram(torch.zeros(5))
+    with pytest.raises(ValueError, match="grads must be a 2-D tensor"):
+        R.gram(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="grads must be float32.*torch.int64"):
+        R.gram(torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="grads must be a torch.Tensor, got ndarray"):
+        R.gram(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        R.gram(torch.zeros(2, 3), backend="cuda")
+    if HAS_EXT:
+        with pytest.raises(RuntimeError, match="out must have shape"):
+            ext().gram(torch.zeros(2, 3), torch.empty(3, 3, dtype=torch.float64))
+
+
+# ---- CUDA: the CUDA path against the CPU path ---------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", [pytest.param("extension", marks=requires_cuda_ext), "torch"])
+@pytest.mark.parametrize("decay", [None, 0.9])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_affinity_equals_cpu(dtype, decay, backend):
+    """CUDA and CPU give the same bits (the kernel uses non-fusing float64 intrinsics), with no host
+    synchronisation inside the call."""
+    k = 13
+    cpu_state = fresh_state(k, seed=21)
+    gpu_state = tuple(t.cuda() for t in cpu_state)
+    for step in range(3):
+        base, look = make_losses(k, dtype, seed=300 + step)
+        cpu = R.affinity_update(base, look, *cpu_state, decay, backend="extension" if HAS_EXT else "torch")
+        base_d, look_d = base.cuda(), look.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gpu = R.affinity_update(base_d, look_d, *gpu_state, decay, backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert gpu[0].device.type == "cuda" and gpu[1].device.type == "cuda" and gpu[1].dim() == 0
+        for a, b in zip(gpu + gpu_state, cpu + cpu_state):
+            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0, equal_nan=True)
+
+
+@requires_cuda_ext
+@pytest.mark.parametrize("k", [1, 5, 64, 100])
+def test_cuda_affinity_writes_every_z(k):
+    base, look = make_losses(k, torch.float32, seed=k, specials=k >= 5)
+    total, count = fresh_state(k, seed=k)
+    ref_total, ref_count = total.numpy().copy(), count.numpy().copy()
+    total, count = total.cuda(), count.cuda()
+    z = torch.full((k, k), POISON, dtype=torch.float64, device="cuda")
+    skipped = ext().affinity_update(base.cuda(), look.cuda(), total, count, 0.3, z)
+    ref_z, ref_skipped = loop_step(base, look, ref_total, ref_count, 0.3)
+    assert not (z == POISON).any()
+    assert_same(z, ref_z)
+    assert_same(count, ref_count)
+    assert_same(total, ref_total, exact=False)
+    assert int(skipped) == ref_skipped
+
+
+# K covers every CUDA configuration: one diagonal block of 4, 8 or 12 rows, and 8-row blocks with
+# off-diagonal pairs (13, 33, 64); P covers one partial chunk, a ragged one, and many chunks.
+CUDA_GRAM_K = [1, 3, 4, 5, 8, 9, 10, 12, 13, 33, 64]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [1, 7, 100003, 3_000_017])
+@pytest.mark.parametrize("k", CUDA_GRAM_K)
+def test_cuda_gram_equals_cpu(k, p, dtype):
+    """The CUDA kernel (and the PyTorch twin on CUDA) against the CPU path."""
+    if p > 1_000_000 and (k > 12 or dtype != torch.float32):
+        pytest.skip("large P is checked for float32 and K <= 12")
+    x = make_grads(k, p, dtype, seed=k + p)
+    cpu = R.gram(x, backend="extension" if HAS_EXT else "torch").numpy()
+    xd = x.cuda()
+    for backend in (["extension"] if HAS_CUDA_EXT else []) + ["torch"]:
+        g = R.gram(xd, backend=backend)
+        assert g.device.type == "cuda" and g.dtype == torch.float64
+        assert torch.equal(g, g.T)
+        assert_gram_close(g, cpu, rtol=1e-12)
+
+
+@requires_cuda_ext
+@pytest.mark.parametrize("k", [3, 10, 33])
+def test_cuda_gram_deterministic_and_writes_every_entry(k):
+    x = make_grads(k, 1_000_003, torch.float32, seed=k).cuda()
+    outs = []
+    for _ in range(2):
+        out = torch.full((k, k), POISON, dtype=torch.float64, device="cuda")
+        ext().gram(x, out)
+        outs.append(out)
+    assert not (outs[0] == POISON).any()
+    assert torch.equal(outs[0], outs[1])
+    empty = torch.full((k, k), POISON, dtype=torch.float64, device="cuda")
+    ext().gram(x[:, :0].contiguous(), empty)
+    assert torch.equal(empty, torch.zeros_like(empty))
+
+
+@requires_cuda
+def test_cuda_bad_inputs():
+    k = 3
+    base, look = make_losses(k, torch.float32, seed=1, specials=False)
+    total, count = fresh_state(k, 1)
+    with pytest.raises(ValueError, match="lookahead must be on cuda"):
+        R.affinity_update(base.cuda(), look, total.cuda(), count.cuda())
+    with pytest.raises(ValueError, match="total must be on cuda"):
+        R.affinity_update(base.cuda(), look.cuda(), total, count.cuda())
+
+
+def test_auto_falls_back_without_extension(monkeypatch):
+    """With no compiled module, "auto" runs the PyTorch twin and "extension" says why it cannot."""
+    monkeypatch.setattr(R, "ext", lambda: None)
+    k = 4
+    base, look = make_losses(k, torch.float32, seed=3)
+    total, count = fresh_state(k, 3)
+    ref_total, ref_count = total.numpy().copy(), count.numpy().copy()
+    z, skipped = R.affinity_update(base, look, total, count)
+    ref_z, ref_skipped = loop_step(base, look, ref_total, ref_count, None)
+    assert_same(z, ref_z)
+    assert int(skipped) == ref_skipped
+    x = make_grads(3, 50, torch.float32, seed=3)
+    assert_gram_close(R.gram(x), x.double().numpy() @ x.double().numpy().T, rtol=1e-13)
+    with pytest.raises(RuntimeError, match="not available"):
+        R.gram(x, backend="extension")
+    with pytest.raises(RuntimeError, match="not available"):
+        R.affinity_update(base, look, total, count, backend="extension")
