@@ -6,7 +6,7 @@
     tracker = mf.AffinityTracker(shared=trunk, heads=heads, lr=0.1)
     z = tracker.step(views, y)                        # this step's K x K TAG affinity
 """
-from mtdl_fast import _ext, functional, tasks
+from mtdl_fast import _ext, functional, models, tasks
 from mtdl_fast.affinity import AffinityTracker
 from mtdl_fast.affinity_propagation import affinity_propagation
 from mtdl_fast.stgu import SelectiveGroupUpdates
@@ -21,6 +21,7 @@ __all__ = [
     "TaskSpec",
     "affinity_propagation",
     "functional",
+    "models",
     "tasks",
 ]
 __version__ = "0.1.0"
