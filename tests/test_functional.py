@@ -588,13 +588,24 @@ def test_resized_crop_box_beyond_the_border_pads_zeros_like_torchvision(dtype):
     assert_images_close(out, ref)
 
 
-def test_resized_crop_downsampling_with_antialias_raises():
-    x = make_batch(3, 24, 29, torch.float32, b=3)
-    top = torch.tensor([0, 1, 2])
-    left = torch.tensor([0, 3, 1])
-    height = torch.tensor([5, 20, 6])  # image 1: 20 rows -> 10: downsampling
-    width = torch.tensor([5, 6, 7])
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_resized_crop_downsampling_with_antialias_on_cpu_matches_torchvision(dtype):
+    x = make_batch(3, 24, 29, dtype, b=3)
+    top, left = torch.tensor([0, 1, 2]), torch.tensor([0, 3, 1])
+    height, width = torch.tensor([5, 20, 6]), torch.tensor([5, 6, 27])  # image 1 and 2 downsample
+    out = MF.resized_crop(x, top, left, height, width, [10, 10], antialias=True)
+    ref = torch.stack(
+        [TF.resized_crop(x[i], int(top[i]), int(left[i]), int(height[i]), int(width[i]), [10, 10]) for i in range(3)]
+    )
+    assert (out.float() - ref.float()).abs().max().item() <= (1 if dtype == torch.uint8 else 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the batched path)")
+def test_resized_crop_downsampling_with_antialias_raises_on_gpu():
+    x = make_batch(3, 24, 29, torch.float32, b=3).cuda()
+    top, left = torch.tensor([0, 1, 2]), torch.tensor([0, 3, 1])
+    height, width = torch.tensor([5, 20, 6]), torch.tensor([5, 6, 7])  # image 1: 20 rows -> 10
+    with pytest.raises(ValueError, match="antialias"):
         MF.resized_crop(x, top, left, height, width, [10, 10], antialias=True)
 
 

@@ -69,8 +69,8 @@ def _rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     minc, maxc = torch.aminmax(rgb, dim=-3)
     flat = maxc == minc
     spread = maxc - minc
-    s = spread / torch.where(flat, torch.ones_like(maxc), maxc)
-    divisor = torch.where(flat, torch.ones_like(spread), spread)
+    s = spread / torch.where(flat, 1.0, maxc)
+    divisor = torch.where(flat, 1.0, spread)
     rc, gc, bc = (maxc - r) / divisor, (maxc - g) / divisor, (maxc - b) / divisor
     h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
     h = (h * (1.0 / 6.0) + 1.0).fmod(1.0)
@@ -78,19 +78,23 @@ def _rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    # Sector by sector as Pillow/torchvision: with sector i = floor(6h) mod 6, f = 6h - floor(6h),
+    # p = v(1 - s), q = v(1 - sf), t = v(1 - s + sf), each clamped to [0, 1]:
+    #   r = v, q, p, p, t, v    g = t, v, v, q, p, p    b = p, p, t, v, v, q   (i = 0..5)
+    # chosen with comparisons instead of an int64 index table (a third of the memory traffic).
     h, s, v = hsv.unbind(dim=-3)
     h6 = h * 6.0
-    sector = torch.floor(h6)
-    frac = h6 - sector
-    sector = sector.to(torch.int64).remainder(6)
+    floor = torch.floor(h6)
+    frac = h6 - floor
+    sector = floor.remainder(6.0)
     p = ((1.0 - s) * v).clamp(0.0, 1.0)
     q = ((1.0 - s * frac) * v).clamp(0.0, 1.0)
     t = ((s * frac + (1.0 - s)) * v).clamp(0.0, 1.0)
-    # For hue sectors 0..5, which of (v, p, q, t) each of r, g, b takes.
-    choices = torch.stack((v, p, q, t), dim=-3)
-    table = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=hsv.device)
-    index = table[:, sector].movedim(0, -3)
-    return choices.gather(-3, index)
+    lt1, lt2, lt3, lt4, lt5 = (sector < k for k in (1.0, 2.0, 3.0, 4.0, 5.0))
+    r = torch.where(lt1, v, torch.where(lt2, q, torch.where(lt4, p, torch.where(lt5, t, v))))
+    g = torch.where(lt1, t, torch.where(lt3, v, torch.where(lt4, q, p)))
+    b = torch.where(lt2, p, torch.where(lt3, t, torch.where(lt5, v, q)))
+    return torch.stack((r, g, b), dim=-3)
 
 
 def _hue(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
