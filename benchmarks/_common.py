@@ -1,0 +1,340 @@
+"""Shared helpers of the benchmark scripts: timing, device description, bandwidth, result files.
+
+Every benchmark under ``benchmarks/`` times mtdl-fast against its peers in the same run and writes
+one section (its own top-level key) of ``benchmarks/results/<device-slug>.json``; other sections of
+that file are kept. Conventions:
+
+* CUDA timings: ``triton.testing.do_bench`` (median, L2 flushed between calls) when Triton is
+  importable, else CUDA events around each call after warm-up; median over the repeats.
+* CPU timings: ``time.perf_counter`` around each call after warm-up; median over the repeats.
+  The number of repeats adapts to a time budget so slow peers do not dominate the run.
+* Bandwidth figures are in GB/s with GB = 1e9 bytes.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Published peak DRAM bandwidth in GB/s, matched against torch.cuda.get_device_name() (lower-case
+# substrings, first match wins; the more specific names come first).
+SPEC_PEAK_GBPS: list[tuple[tuple[str, ...], float, str]] = [
+    (("gh200",), 4000.0, "GH200 (HBM3) 4.0 TB/s"),
+    (("h200",), 4800.0, "H200 (HBM3e) 4.8 TB/s"),
+    (("h100", "nvl"), 3900.0, "H100 NVL 3.9 TB/s"),
+    (("h100", "pcie"), 2000.0, "H100 PCIe 2.0 TB/s"),
+    (("h100",), 3350.0, "H100 SXM (HBM3) 3.35 TB/s"),
+    (("b200",), 8000.0, "B200 8.0 TB/s"),
+    (("a100", "80gb", "pcie"), 1935.0, "A100 80GB PCIe 1.94 TB/s"),
+    (("a100", "80gb"), 2039.0, "A100 80GB SXM 2.04 TB/s"),
+    (("a100",), 1555.0, "A100 40GB 1.56 TB/s"),
+    (("l40s",), 864.0, "L40S 864 GB/s"),
+    (("l40",), 864.0, "L40 864 GB/s"),
+    (("l4",), 300.0, "L4 300 GB/s"),
+    (("a10g",), 600.0, "A10G 600 GB/s"),
+    (("t4",), 320.0, "T4 320 GB/s"),
+    (("v100",), 900.0, "V100 900 GB/s"),
+    (("4090",), 1008.0, "RTX 4090 1.01 TB/s"),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Device description
+# ----------------------------------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"cpu"``/``"cuda"``/``"cuda:N"`` -> torch.device; ValueError when unknown or unavailable."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {str(device)!r} (use cpu or cuda)") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {str(device)!r} (use cpu or cuda)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA requested but no GPU is available (torch.cuda.is_available() is False)")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    """Human name of the device: the GPU name, or the CPU model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def slugify(text: str) -> str:
+    """Lower-case, runs of other characters -> '-': 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def device_slug(device: torch.device) -> str:
+    """File stem of the device's result file: the GPU name, or 'cpu-' + the CPU model."""
+    if device.type == "cuda":
+        return slugify(device_name(device))
+    return "cpu-" + slugify(re.sub(r"\(R\)|\(TM\)|\bprocessor\b|\d+-core", "", cpu_model(), flags=re.I))
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+        return str(getattr(mod, "__version__", "unknown"))
+    except Exception as err:  # noqa: BLE001 - any import failure means "absent"
+        return f"unavailable: {type(err).__name__}: {err}".splitlines()[0][:200]
+
+
+def load_average() -> float | None:
+    """1-minute load average (other work on a shared CPU skews CPU timings), None where unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def spec_peak_gbps(name: str) -> tuple[float | None, str | None]:
+    """Published peak memory bandwidth (GB/s, description) for a GPU name, or (None, None)."""
+    low = name.lower()
+    for keys, gbps, desc in SPEC_PEAK_GBPS:
+        if all(k in low for k in keys):
+            return gbps, desc
+    return None, None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device name, library versions, thread count and the date: the header of every result."""
+    env: dict[str, Any] = {
+        "device": device.type,
+        "device_name": device_name(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "torchvision": _version("torchvision"),
+        "kornia": _version("kornia"),
+        "cpu_model": cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": load_average(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["gpu_sm_count"] = props.multi_processor_count
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+        peak, desc = spec_peak_gbps(env["device_name"])
+        env["spec_peak_GBps"] = peak
+        env["spec_peak_source"] = desc
+    else:
+        env["spec_peak_GBps"] = None
+        env["spec_peak_source"] = None
+    return env
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _summary(samples_s: Sequence[float], method: str) -> dict[str, Any]:
+    return {
+        "median_s": statistics.median(samples_s),
+        "min_s": min(samples_s),
+        "mean_s": statistics.fmean(samples_s),
+        "repeats": len(samples_s),
+        "method": method,
+    }
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    budget_s: float = 5.0,
+    min_repeats: int = 3,
+    max_repeats: int = 100,
+    warmup: int = 1,
+    estimate_s: float | None = None,
+) -> dict[str, Any]:
+    """Time ``fn()`` on ``device``; returns median/min/mean seconds per call and the repeat count.
+
+    The warm-up calls also estimate the cost of one call; the number of timed repeats is then
+    ``budget_s / estimate`` clipped to [min_repeats, max_repeats]. On the CPU, a caller that has
+    already run ``fn`` once (e.g. to check its output) may pass that call's time as ``estimate_s``
+    to skip the warm-up of calls slower than a second. On CUDA, Triton's ``do_bench`` (median mode;
+    it flushes the L2 cache before each call) is used when available, else CUDA events.
+    """
+    if device.type == "cuda":
+        return _time_cuda(fn, device, budget_s=budget_s, min_repeats=min_repeats,
+                          max_repeats=max_repeats, warmup=warmup)
+    if estimate_s is not None and estimate_s > 1.0:
+        warmup = 0
+    return _time_cpu(fn, budget_s=budget_s, min_repeats=min_repeats, max_repeats=max_repeats, warmup=warmup,
+                     estimate=estimate_s)
+
+
+def _time_cpu(fn, *, budget_s, min_repeats, max_repeats, warmup, estimate=None) -> dict[str, Any]:
+    estimate = math.inf if estimate is None or warmup > 0 else estimate
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        estimate = min(estimate, time.perf_counter() - t0)
+    repeats = int(min(max_repeats, max(min_repeats, budget_s / max(estimate, 1e-9))))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return _summary(samples, "perf_counter")
+
+
+def _time_cuda(fn, device, *, budget_s, min_repeats, max_repeats, warmup) -> dict[str, Any]:
+    with torch.cuda.device(device):
+        for _ in range(max(1, warmup)):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        estimate = time.perf_counter() - t0
+        repeats = int(min(max_repeats * 10, max(min_repeats, budget_s / max(estimate, 1e-9))))
+        try:
+            from triton.testing import do_bench
+        except Exception:  # noqa: BLE001 - no Triton: CUDA events below
+            do_bench = None
+        if do_bench is not None:
+            # do_bench sizes its own repeat count from `rep` (ms); cap it by the budget.
+            rep_ms = max(1.0, min(budget_s, repeats * estimate) * 1e3)
+            warm_ms = max(1.0, min(25.0, estimate * 1e3))
+            try:
+                ms = do_bench(fn, warmup=warm_ms, rep=rep_ms, return_mode="all")
+            except (AssertionError, TypeError, ValueError):  # older Triton: no "all" mode
+                ms = do_bench(fn, warmup=warm_ms, rep=rep_ms, return_mode="median")
+            samples = [float(m) / 1e3 for m in (ms if isinstance(ms, (list, tuple)) else [ms])]
+            return _summary(samples, "triton.testing.do_bench")
+        samples = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        return _summary(samples, "cuda events")
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None, budget_s: float = 1.0) -> float:
+    """Measured device memory bandwidth: a large ``dst.copy_(src)``, counting read + write bytes."""
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    res = time_fn(lambda: dst.copy_(src), device, budget_s=budget_s, min_repeats=5, max_repeats=50, warmup=2)
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * nbytes / res["median_s"] / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+
+def result_path(device: torch.device, results_dir: Path | str | None = None) -> Path:
+    """``benchmarks/results/<device-slug>.json``."""
+    return Path(results_dir or RESULTS_DIR) / f"{device_slug(device)}.json"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    return str(obj)
+
+
+def merge_results(path: Path | str, key: str, section: dict[str, Any]) -> Path:
+    """Write ``section`` under ``key`` of the JSON file at ``path``, keeping its other keys.
+
+    The file is replaced atomically; an unreadable existing file is kept aside as ``*.bad``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("top level is not an object")
+        except (ValueError, OSError):
+            path.replace(path.with_suffix(path.suffix + ".bad"))
+            data = {}
+    data[key] = _jsonable(section)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def markdown_table(rows: Iterable[Sequence[Any]], header: Sequence[str], align: str | None = None) -> str:
+    """A GitHub markdown table; ``align`` is one character per column ('l' or 'r', default 'l')."""
+    header = [str(h) for h in header]
+    align = align or "l" * len(header)
+    seps = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(seps) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """Compact number: 3 significant digits, thousands separators for big values, '-' for None."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
