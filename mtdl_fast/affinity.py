@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from torch.func import functional_call, grad_and_value, replace_all_batch_norm_modules_, stack_module_state, vmap
 
 from mtdl_fast import reductions
@@ -231,11 +232,12 @@ class AffinityTracker:
             base, lookahead = self._exact(views, targets, per_task, loss_fn)
         else:
             base, lookahead = self._first_order(views, targets, per_task, loss_fn)
-        finite = torch.isfinite(base).all() & torch.isfinite(lookahead).all()
-        base = torch.where(finite, base, torch.full_like(base, float("nan")))
-        self._skipped += (~finite).to(torch.int64)
-        self._attempted += 1
-        z, _ = reductions.affinity_update(base, lookahead, self._total, self._count, self.decay)
+        with record_function("reduction"):
+            finite = torch.isfinite(base).all() & torch.isfinite(lookahead).all()
+            base = torch.where(finite, base, torch.full_like(base, float("nan")))
+            self._skipped += (~finite).to(torch.int64)
+            self._attempted += 1
+            z, _ = reductions.affinity_update(base, lookahead, self._total, self._count, self.decay)
         return z
 
     def _check(self, views: torch.Tensor, targets: torch.Tensor) -> bool:
@@ -286,7 +288,7 @@ class AffinityTracker:
         new = preview_update([params[n] for n in names], [shared_grads[n] for n in names], self.optimizer, self.lr)
         sources = dict(zip(names, new))
         y_dim = 0 if per_task else None
-        with torch.no_grad():
+        with torch.no_grad(), record_function("lookahead"):
             if self._use_fused_ce(fm, views, loss_fn):
                 lookahead = self._lookahead_fused(fm, trunk, consts, sources, head_state, views, targets, per_task)
             else:

@@ -36,7 +36,7 @@ DEFAULT_TASKS: tuple[str, ...] = (
     "gaussian_noise",
 )
 
-_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NEEDS_SIZE = ("affine", "resized_crop", "erase")
 
 
@@ -123,7 +123,7 @@ class DistributionTasks(nn.Module):
         seed: seeds the per-device generators `sample` draws from when none is passed.
         backend: "triton" (fused kernel), "torch" (plain PyTorch), or "auto" (Triton for CUDA
             tensors when every task fuses, torch otherwise).
-        out_dtype: float32, float16 or bfloat16.
+        out_dtype: float32, float16 or bfloat16 (float64 on the torch backend, for exact tests).
         mean, std: optional per-channel normalisation fused into the output.
         validate: check float inputs lie in [0, 1] (a host synchronisation). Default: on for CPU
             tensors, off for GPU tensors.
@@ -160,6 +160,8 @@ class DistributionTasks(nn.Module):
         self.std = None if std is None else [float(s) for s in std]
         self.validate = validate
         self._fusion_problems = {s.name: p for s in self.specs if (p := fusion_problem(s)) is not None}
+        if backend == "triton" and out_dtype == torch.float64:
+            raise ValueError("out_dtype=torch.float64 is not supported by backend='triton'")
         if backend == "triton" and self._fusion_problems:
             raise ValueError(f"backend='triton' cannot fuse these tasks: {self._fusion_problems}")
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -175,6 +177,22 @@ class DistributionTasks(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tasks={self.names}, backend={self.backend!r}, out_dtype={self.out_dtype}"
+
+    # ----------------------------------------------------------------- state
+    def get_extra_state(self) -> dict:
+        """The sampling state (generators per device, call counter): part of `state_dict()`, so a
+        checkpoint resumes the same parameter draws."""
+        generators = {str(device): gen.get_state() for device, gen in self._generators.items()}
+        calls = next(self._calls)
+        self._calls = itertools.count(calls)
+        return {"seed": self.seed, "generators": generators, "calls": calls}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self._generators = {}
+        for device, gen_state in state["generators"].items():
+            self._generator(torch.device(device)).set_state(gen_state)
+        self._calls = itertools.count(int(state["calls"]))
 
     # ----------------------------------------------------------------- sampling
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -232,7 +250,8 @@ class DistributionTasks(nn.Module):
         """The backend `apply` uses for `x`: 'triton' or 'torch'."""
         if self.backend != "auto":
             return self.backend
-        return "triton" if x.is_cuda and not self._fusion_problems else "torch"
+        fusable = not self._fusion_problems and self.out_dtype != torch.float64
+        return "triton" if x.is_cuda and fusable else "torch"
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -270,7 +289,7 @@ class DistributionTasks(nn.Module):
         return view
 
     def _apply_torch(self, x: torch.Tensor, params: TaskParams, out: torch.Tensor) -> torch.Tensor:
-        base = to_float(x).to(torch.float32)
+        base = to_float(x).to(torch.float64 if self.out_dtype == torch.float64 else torch.float32)
         for k, (spec, view_params) in enumerate(zip(self.specs, params.views)):
             noise = torch.Generator(device=x.device).manual_seed(params.seed * 131 + k)
             view = base

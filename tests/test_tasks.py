@@ -279,3 +279,14 @@ def test_fused_kernel_noise_statistics_and_bf16_normalised_output(device):
     params = tasks.sample(16, (12, 12), device=device)
     hue_only = mf.TaskParams([params.views[1]], 16, (12, 12), params.seed, params.device)
     assert (tasks.apply(x, params)[1].float() - reference.apply(x, hue_only)[0].float()).abs().max() <= 0.02
+
+
+def test_state_dict_resumes_the_same_draws():
+    x = photos(4)
+    tasks = mf.DistributionTasks(["rotate", "gaussian_noise", "erase"], seed=9, backend="torch")
+    tasks(x)
+    saved = tasks.state_dict()
+    expected = tasks(x)
+    restored = mf.DistributionTasks(["rotate", "gaussian_noise", "erase"], seed=0, backend="torch")
+    restored.load_state_dict(saved)
+    assert torch.equal(restored(x), expected)
