@@ -46,6 +46,7 @@ class _Functional:
         self.shared = shared
         self.loss_fn = loss_fn
         self.trainable = [n for n, p in shared.named_parameters() if p.requires_grad]
+        self.head_trainable = {n for n, p in heads[0].named_parameters() if p.requires_grad}
         self.head_template = copy.deepcopy(heads[0]).to("meta")
         self._bn_copy: nn.Module | None = None
         self._bn_head: nn.Module | None = None
@@ -266,17 +267,22 @@ class AffinityTracker:
         head = fm.head(self.heads[0].training)
         consts = fm.constants(trunk)
         head_params, head_buffers = stack_module_state(self.heads)
+        head_params = {n: p for n, p in head_params.items() if n in fm.head_trainable}
+        # Buffers are constants (never differentiated: BatchNorm's step counter is an integer);
+        # a batch-statistics head copy has no running statistics, so keep only what it holds.
+        called = {n for n, _ in head.named_buffers()}
+        head_buffers = {n: b for n, b in head_buffers.items() if n in called}
         head_state = {**head_params, **head_buffers}
         sp = fm.shared_params()
 
-        def loss(sp_, hp_, x, y):
-            out = functional_call(head, hp_, (functional_call(trunk, {**consts, **sp_}, (x,)),))
+        def loss(sp_, hp_, hb_, x, y):
+            out = functional_call(head, {**hb_, **hp_}, (functional_call(trunk, {**consts, **sp_}, (x,)),))
             return loss_fn(out, y)
 
         y_dim = 0 if per_task else None
         grads, losses = vmap(
-            grad_and_value(loss, argnums=(0, 1)), in_dims=(None, 0, 0, y_dim), randomness="different"
-        )(sp, head_state, views, targets)
+            grad_and_value(loss, argnums=(0, 1)), in_dims=(None, 0, 0, 0, y_dim), randomness="different"
+        )(sp, head_params, head_buffers, views, targets)
         return fm, trunk, head, consts, sp, head_state, grads, losses.detach()
 
     def _exact(self, views, targets, per_task, loss_fn):

@@ -254,3 +254,18 @@ def test_bad_input_is_named():
 
 def test_exported_from_the_package():
     assert mf.AffinityTracker is AffinityTracker
+
+
+def test_heads_with_batch_norm_in_train_and_eval_mode():
+    trunk, _, views = mlp_model()
+    torch.manual_seed(3)
+    heads = nn.ModuleList(nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, CLASSES))
+                          for _ in range(K)).double()
+    y = labels(False)
+    for train_mode in (True, False):
+        heads.train(train_mode)
+        before = snapshot(trunk, heads)
+        want = naive_affinity(trunk, heads, views, y, lr=0.2)[0]
+        got = AffinityTracker(trunk, heads, lr=0.2).step(views, y)
+        assert torch.allclose(got, want, atol=1e-6, rtol=0)
+        assert all(torch.equal(a, b) for a, b in zip(before, snapshot(trunk, heads)))
