@@ -98,7 +98,8 @@ class AffinityTracker:
         every: compute on every `every`-th call of `step` (others return None).
         optimizer: preview this SGD/Adam/AdamW optimizer's real update (momentum, weight decay,
             moment estimates) without changing its state.
-        chunk_size: lookahead sources evaluated at once (bounds memory); None: all K.
+        chunk_size: lookahead sources evaluated in one batched call; 1 (default): one source at a
+            time, its K target views batched (fastest measured, least memory); None: all K at once.
         decay: EMA decay of the running affinity; None: the running mean over steps.
         fused_ce: fuse the heads' final Linear with cross-entropy in a Triton kernel (default: on
             CUDA when the heads end in nn.Linear and loss_fn is cross_entropy).
@@ -112,7 +113,7 @@ class AffinityTracker:
         mode: str = "exact",
         every: int = 1,
         optimizer: torch.optim.Optimizer | None = None,
-        chunk_size: int | None = None,
+        chunk_size: int | None = 1,
         decay: float | None = None,
         fused_ce: bool | None = None,
     ):
@@ -304,10 +305,22 @@ class AffinityTracker:
                     return loss_fn(out, y)
 
                 on_targets = vmap(loss, in_dims=(None, 0, 0, y_dim), randomness="different")
-                lookahead = vmap(on_targets, in_dims=(0, None, None, None), chunk_size=self.chunk_size, randomness="different")(
-                    sources, head_state, views, targets
-                )
+                lookahead = self._over_sources(on_targets, sources, head_state, views, targets)
         return base.to(torch.float64), lookahead.to(torch.float64)
+
+    def _over_sources(self, on_targets, sources: dict[str, torch.Tensor], *args) -> torch.Tensor:
+        """on_targets(params_i, *args) for every lookahead source i, stacked on dim 0.
+
+        With chunk_size 1 (the default) the sources run one after another, and inside each call
+        the K target views are batched with *unbatched* weights: every layer folds the views into
+        one K*B batch (one large convolution). Batching the sources too (chunk_size > 1) makes the
+        weights batched, i.e. grouped convolutions: measured 3x slower on CPU at K=10.
+        """
+        chunk = self.chunk_size or self.num_tasks
+        if chunk == 1:
+            return torch.stack([on_targets({n: t[i] for n, t in sources.items()}, *args) for i in range(self.num_tasks)])
+        in_dims = (0,) + (None,) * len(args)
+        return vmap(on_targets, in_dims=in_dims, chunk_size=chunk, randomness="different")(sources, *args)
 
     def _use_fused_ce(self, fm: _Functional, views: torch.Tensor, loss_fn: LossFn) -> bool:
         applicable = fm.final_prefix is not None and loss_fn is F.cross_entropy
@@ -328,9 +341,7 @@ class AffinityTracker:
             return functional_call(fm.head_body, hp_, (f,)) if fm.head_body is not None else f
 
         on_targets = vmap(features, in_dims=(None, 0, 0), randomness="different")
-        feats = vmap(on_targets, in_dims=(0, None, None), chunk_size=self.chunk_size, randomness="different")(
-            sources, body_state, views
-        )
+        feats = self._over_sources(on_targets, sources, body_state, views)
         weight = head_state[f"{prefix}weight"]
         bias = head_state.get(f"{prefix}bias")
         tgt = targets if per_task else targets.expand(self.num_tasks, *targets.shape)
