@@ -22,7 +22,7 @@ $(STAMP): setup.py requirements.txt requirements-dev.txt $(wildcard csrc/*.cpp c
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mtdl_fast demo
+	$(PY) -m mtdl_fast run
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "affinity.h"
+#include "group_search.h"
 
 namespace {
 
@@ -26,4 +27,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("base"), py::arg("lookahead"), py::arg("total"), py::arg("count"), py::arg("decay"), py::arg("z"));
   m.def("gram", &mtdl::gram, "out (K, K) float64 = grads @ grads.T for grads (K, P), accumulated in float64.",
         py::arg("grads"), py::arg("out"));
+  m.def("select_groups", &mtdl::select_groups,
+        "Exact TAG/HOA task grouping by branch and bound (K <= 20): matrix (K, K) real tensor, budget >= 1, "
+        "minimize=False for TAG (affinity, maximise), True for HOA (pairwise losses, minimise). Returns "
+        "(value, groups as increasing bitmasks, nodes visited). Releases the GIL while searching.",
+        py::arg("matrix"), py::arg("budget"), py::arg("minimize"), py::call_guard<py::gil_scoped_release>());
 }

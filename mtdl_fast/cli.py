@@ -97,19 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def resolve_device(name: str):
     """'cpu', 'cuda' or 'cuda:N' -> torch.device; CLIError when unknown or without a GPU."""
-    import torch
+    from mtdl_fast.trainer import resolve_device as resolve
 
-    text = str(name).strip().lower()
-    if not (text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
-        raise CLIError(f"unknown device {name!r} (choose cpu or cuda)")
-    if text.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CLIError(f"device {name!r} requested but no CUDA GPU is available")
-        dev = torch.device(text)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise CLIError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) present")
-        return dev
-    return torch.device("cpu")
+    try:
+        return resolve(name)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
 
 
 def _repo_root() -> Path:
@@ -213,4 +206,211 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(section["table"])
     path = bench.write(section, out / "bench_augment.json")
     print(f"\nbenchmark results -> {path}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------
+# The main job and its companions
+# ----------------------------------------------------------------------------------------------
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    from mtdl_fast.trainer import RunConfig
+
+    d = RunConfig()
+    p.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>); never overwritten")
+    p.add_argument("--tasks", default=",".join(d.tasks), help="comma-separated distribution tasks, e.g. identity,rotate,hue")
+    p.add_argument("--dataset", default=d.dataset, help="digits (embedded, default), cifar10, npz or folder")
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 root, an .npz with x (N,C,H,W uint8) and y, or an image folder")
+    p.add_argument("--image-size", type=int, default=d.image_size, help=f"image side for digits/folder (default {d.image_size})")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help=f"training steps (default {d.steps})")
+    length.add_argument("--epochs", type=float, default=None, help="training epochs instead of steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per batch (default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate (default {d.lr})")
+    p.add_argument("--model", default=d.model, help="hard (shared trunk, K heads), onehot, gating, film or moe")
+    p.add_argument("--trunk", default=d.trunk, help="resnet or mlp (default resnet)")
+    p.add_argument("--weighting", default=d.weighting, help="sum, minmax, uncertainty, dwa, svd or uniform")
+    p.add_argument("--affinity-every", type=int, default=d.affinity_every, help=f"exact TAG affinity every N steps (default {d.affinity_every})")
+    p.add_argument("--affinity-mode", default=d.affinity_mode, help="exact or first_order")
+    p.add_argument("--budget", type=int, default=d.budget, help=f"maximum number of task groups (default {d.budget})")
+    p.add_argument("--protocol", default=d.protocol, help="default, or paper: alone, pairs, all together, groups")
+    p.add_argument("--device", default=d.device, help="cpu or cuda (default cpu)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of data order, augmentation and init (default {d.seed})")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="checkpoint every N steps")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint.pt (its run directory is reused)")
+
+
+def _config_from(args: argparse.Namespace):
+    from mtdl_fast.ops import OPS
+    from mtdl_fast.trainer import RunConfig
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for task in tasks:
+        for op in task.split("+"):
+            if op not in OPS:
+                raise CLIError(f"unknown task {op!r}; available: {', '.join(sorted({o.name for o in OPS.values()}))}")
+    steps = args.steps if args.steps is not None or args.epochs is not None else RunConfig().steps
+    config = RunConfig(tasks=tasks, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+                       steps=steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, model=args.model,
+                       trunk=args.trunk, weighting=args.weighting, affinity_every=args.affinity_every,
+                       affinity_mode=args.affinity_mode, budget=args.budget, device=args.device, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every, protocol=args.protocol)
+    try:
+        config.validate()
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    return config
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    import time
+
+    if args.resume is not None:
+        out = Path(args.resume).resolve().parent
+        if args.out is not None and Path(args.out).resolve() != out:
+            raise CLIError(f"--resume continues in {out}; --out {args.out} names another directory")
+        return out
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        raise CLIError(f"{out} already holds files; choose a new --out (or --resume its checkpoint)")
+    return out
+
+
+@subcommand("run", help="the main job: train on distribution tasks, track affinity, select groups, evaluate",
+            arguments=_run_args)
+def cmd_run(args: argparse.Namespace) -> int:
+    from mtdl_fast.checkpoint import CheckpointError
+    from mtdl_fast.trainer import run
+
+    config = _config_from(args)
+    resolve_device(config.device)
+    out = _run_dir(args)
+    try:
+        results = run(config, out, resume=args.resume)
+    except CheckpointError as err:
+        raise CLIError(str(err)) from err
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; checkpoint saved, continue with --resume {out / 'checkpoint.pt'}", file=sys.stderr)
+        return 130
+    groups = results["groups"]
+    names = results["names"]
+    print(f"groups: {[[names[i] for i in g] for g in groups['groups']]} (score {groups['score']:.4f})")
+    print(f"report: {out / 'report.md'}")
+    return EXIT_OK
+
+
+def _groups_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("affinity", help="affinity.npy or affinity.csv of a run (K x K)")
+    p.add_argument("--budget", type=int, default=3, help="maximum number of groups (default 3)")
+    p.add_argument("--method", default="tag", help="tag (affinity, maximised) or hoa (pairwise losses, minimised)")
+    p.add_argument("--names", default=None, help="comma-separated task names (default: the CSV header)")
+
+
+@subcommand("groups", help="select task groups from a saved affinity matrix", arguments=_groups_args)
+def cmd_groups(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mtdl_fast.grouping import select_groups
+
+    path = Path(args.affinity)
+    if not path.is_file():
+        raise CLIError(f"affinity file {path} does not exist")
+    names = args.names.split(",") if args.names else None
+    try:
+        if path.suffix == ".npy":
+            matrix = np.load(path)
+        else:
+            header = path.read_text().splitlines()[0]
+            names = names or header.split(",")
+            matrix = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+        print(select_groups(matrix, budget=args.budget, method=args.method, names=names))
+    except (ValueError, OSError) as err:
+        raise CLIError(f"{path}: {err}") from err
+    return EXIT_OK
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint.pt of a run")
+    p.add_argument("--tasks", default=None, help="comma-separated distributions to evaluate on (default: the run's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+@subcommand("eval", help="evaluate a checkpoint on chosen distributions", arguments=_eval_args)
+def cmd_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mtdl_fast.checkpoint import CheckpointError, load_checkpoint
+    from mtdl_fast.reports import markdown_table
+    from mtdl_fast.trainer import CHECKPOINT_FORMAT, RunConfig, build_engine, evaluate, load_dataset
+
+    device = resolve_device(args.device)
+    try:
+        state = load_checkpoint(args.checkpoint)
+    except CheckpointError as err:
+        raise CLIError(str(err)) from err
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CLIError(f"{args.checkpoint} is not a checkpoint of `mtdl-fast run`")
+    config = RunConfig(**{**state["config"], "device": str(device)})
+    eval_names = args.tasks.split(",") if args.tasks else list(config.tasks)
+    try:
+        data = load_dataset(config)
+        engine = build_engine(config, config.tasks, data, device)
+        engine.load_state_dict(state["engine"])
+        acc = evaluate(engine, config.tasks, eval_names, data.x_test[: config.eval_size].to(device),
+                       data.y_test[: config.eval_size].to(device), config.seed)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    rows = [f"head {n}" for n in config.tasks] + ["model"]
+    print(markdown_table(np.asarray(acc), rows, eval_names, corner="trained \\ eval"))
+    return EXIT_OK
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quick", action="store_true", help="smoke-sized runs of every benchmark")
+    p.add_argument("--only", default=None, help="comma-separated subset: augment,affinity,grouping")
+
+
+@subcommand("bench", help="run the benchmark suite and record benchmarks/results/<device>.json",
+            arguments=_bench_args)
+def cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    resolve_device(args.device)
+    chosen = args.only.split(",") if args.only else ["augment", "affinity", "grouping"]
+    code = EXIT_OK
+    for name in chosen:
+        script = _repo_root() / "benchmarks" / f"bench_{name}.py"
+        if not script.is_file():
+            raise CLIError(f"unknown benchmark {name!r} ({script} not found)")
+        command = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
+        if name != "grouping":
+            command += ["--device", args.device]
+        print(f"$ {' '.join(command)}", flush=True)
+        code = max(code, subprocess.call(command))
+    return code
+
+
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/profile", help="folder for trace.json (default runs/profile)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--steps", type=int, default=4, help="profiled training steps (default 4)")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: the default ten)")
+
+
+@subcommand("profile", help="profile training steps with torch.profiler (Chrome trace + phase table)",
+            arguments=_profile_args)
+def cmd_profile(args: argparse.Namespace) -> int:
+    from mtdl_fast.profiling import profile_steps
+
+    device = resolve_device(args.device)
+    tasks = args.tasks.split(",") if args.tasks else None
+    try:
+        trace, table = profile_steps(Path(args.out), device, steps=args.steps, tasks=tasks)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    print(table)
+    print(f"\ntrace: {trace} (open in chrome://tracing or https://ui.perfetto.dev)")
     return EXIT_OK

@@ -1,0 +1,391 @@
+"""The main job: train on distribution tasks, track affinity, pick groups, evaluate everything.
+
+`run(config)` writes a run directory (config.json, metrics.jsonl, affinity.npy/.csv, groups.json,
+results.json, report.md, PNG plots, checkpoint.pt) and returns the results. Batches are drawn
+deterministically from (seed, step), and the engine's state holds every RNG, so a run resumed from
+a checkpoint reaches the same final metrics and affinity as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mtdl_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mtdl_fast.engine import MTDLEngine
+from mtdl_fast.tasks import DEFAULT_TASKS, DistributionTasks
+
+CHECKPOINT_FORMAT = "mtdl-fast/run"
+
+
+@dataclass
+class RunConfig:
+    """Everything a run depends on (saved as config.json; a resumed run must match it)."""
+
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int = 16
+    steps: int | None = 200
+    epochs: float | None = None
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    model: str = "hard"
+    trunk: str = "resnet"
+    width: int = 8
+    weighting: str = "sum"
+    affinity_every: int = 10
+    affinity_mode: str = "exact"
+    budget: int = 3
+    device: str = "cpu"
+    seed: int = 0
+    checkpoint_every: int = 100
+    protocol: str = "default"
+    eval_size: int = 512
+
+    def validate(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks must name at least one distribution")
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps and epochs")
+        for name in ("batch_size", "affinity_every", "budget", "checkpoint_every", "image_size", "eval_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.protocol not in ("default", "paper"):
+            raise ValueError(f"protocol must be 'default' or 'paper', got {self.protocol!r}")
+
+
+@dataclass
+class Dataset:
+    """uint8 images (N, C, H, W) and int64 labels, split into train and test."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+
+def load_dataset(config: RunConfig) -> Dataset:
+    """The configured dataset: digits (embedded), cifar10, npz (x, y arrays) or an image folder."""
+    from mtdl_fast import data
+
+    name = config.dataset
+    if name == "digits":
+        x, y = data.load_digits(size=config.image_size)
+    elif name == "cifar10":
+        if config.data_dir is None:
+            raise ValueError("--dataset cifar10 needs --data-dir")
+        x_tr, y_tr = data.load_cifar10(config.data_dir, train=True)
+        x_te, y_te = data.load_cifar10(config.data_dir, train=False)
+        return Dataset(x_tr, y_tr, x_te, y_te, 10)
+    elif name in ("npz", "folder"):
+        if config.data_dir is None or not Path(config.data_dir).exists():
+            raise ValueError(f"--dataset {name} needs an existing --data-dir, got {config.data_dir!r}")
+        x, y = _load_npz(config.data_dir) if name == "npz" else _load_folder(config.data_dir, config.image_size)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose digits, cifar10, npz or folder")
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    cut = int(0.8 * x.shape[0])
+    train, test = perm[:cut], perm[cut:]
+    return Dataset(x[train], y[train], x[test], y[test], int(y.max()) + 1)
+
+
+def _load_npz(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    arrays = np.load(path)
+    if "x" not in arrays or "y" not in arrays:
+        raise ValueError(f"{path} must hold arrays 'x' (N, C, H, W) uint8 and 'y' (N,) labels")
+    x = torch.from_numpy(np.ascontiguousarray(arrays["x"]))
+    if x.ndim != 4 or x.dtype != torch.uint8 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{path}: x must be uint8 (N, C, H, W) with C in {{1, 3}}, got {x.dtype} {tuple(x.shape)}")
+    return x, torch.from_numpy(arrays["y"]).long()
+
+
+def _load_folder(path: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    folder = ImageFolder(path, transform=v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)]))
+    if len(folder) == 0:
+        raise ValueError(f"{path} holds no images in class subfolders")
+    images, labels = zip(*[folder[i] for i in range(len(folder))])
+    return torch.stack(images), torch.tensor(labels)
+
+
+def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the batch of `step`: epoch-wise permutations seeded by (seed, epoch), so any step's
+    batch is known without loader state (exact resume)."""
+    per_epoch = max(1, num_items // batch_size)
+    epoch, index = divmod(step, per_epoch)
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[index * batch_size : (index + 1) * batch_size]
+
+
+def build_engine(config: RunConfig, task_names: Sequence[str], data: Dataset, device: torch.device) -> MTDLEngine:
+    """Model, optimizer, weighting and engine for one training run on `task_names`."""
+    from mtdl_fast.models import build_model
+    from mtdl_fast.weighting import make_weighting
+
+    torch.manual_seed(config.seed)
+    channels = data.x_train.shape[1]
+    model = build_model(config.model, len(task_names), data.num_classes, channels, config.image_size,
+                        trunk=config.trunk, width=config.width).to(device)
+    weighting = make_weighting(config.weighting, len(task_names)).to(device)
+    params = [*model.parameters(), *weighting.parameters()]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    tasks = DistributionTasks(list(task_names), seed=config.seed)
+    return MTDLEngine(tasks, model.trunk, model.heads, optimizer, weighting=weighting,
+                      affinity_every=config.affinity_every if len(task_names) > 1 else None,
+                      affinity_mode=config.affinity_mode)
+
+
+def total_steps(config: RunConfig, data: Dataset) -> int:
+    if config.steps is not None:
+        return config.steps
+    return max(1, math.ceil(config.epochs * data.x_train.shape[0] / config.batch_size))
+
+
+def train(
+    config: RunConfig,
+    engine: MTDLEngine,
+    data: Dataset,
+    device: torch.device,
+    *,
+    out_dir: Path | None = None,
+    start_step: int = 0,
+    label: str = "train",
+) -> list[dict]:
+    """Run the engine from `start_step` to the configured number of steps.
+
+    Writes metrics rows (and checkpoints every `checkpoint_every` steps and on Ctrl-C) into
+    out_dir when given. Returns the metrics rows of this call.
+    """
+    steps = total_steps(config, data)
+    rows: list[dict] = []
+    metrics_file = (out_dir / "metrics.jsonl").open("a") if out_dir is not None else None
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=label, unit="step",
+               disable=None, leave=False)
+    step = start_step
+    try:
+        for step in bar:
+            idx = batch_indices(data.x_train.shape[0], config.batch_size, step, config.seed)
+            x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+            t0 = time.perf_counter()
+            loss, info = engine.step(x, y)
+            loss_value = float(loss)
+            rate = x.shape[0] / max(time.perf_counter() - t0, 1e-9)
+            row = {"step": step + 1, "loss": loss_value, "losses": [float(v) for v in info["losses"]],
+                   "images_per_s": rate, "affinity_step": info["affinity"] is not None,
+                   "skipped": bool(info["skipped"])}
+            rows.append(row)
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:,.0f}")
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(row) + "\n")
+                if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+                    metrics_file.flush()
+                    save_run_checkpoint(out_dir / "checkpoint.pt", config, engine, step + 1)
+    except KeyboardInterrupt:
+        if out_dir is not None:
+            metrics_file.flush()
+            save_run_checkpoint(out_dir / "checkpoint.pt", config, engine, len(rows) + start_step)
+        raise
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+        bar.close()
+    return rows
+
+
+def save_run_checkpoint(path: Path, config: RunConfig, engine: MTDLEngine, step: int) -> None:
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "step": step,
+                           "engine": engine.state_dict()})
+
+
+@torch.no_grad()
+def evaluate(
+    engine: MTDLEngine, trained: Sequence[str], eval_names: Sequence[str], x: torch.Tensor, y: torch.Tensor,
+    seed: int, batch_size: int = 256,
+) -> np.ndarray:
+    """Accuracy (len(trained) + 1, E): row k = head of trained distribution k, last row = the model's
+    prediction for each eval distribution (its own head where it trained on it, else the mean of
+    its heads' softmax). Eval views use fixed parameters drawn from `seed`."""
+    trunk, heads = engine.trunk, engine.heads
+    modes = [m.training for m in (trunk, *heads)]
+    trunk.eval(), heads.eval()
+    eval_tasks = DistributionTasks(list(eval_names), seed=seed + 1, backend="auto")
+    correct = np.zeros((len(trained) + 1, len(eval_names)))
+    for start in range(0, x.shape[0], batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        views = eval_tasks(xb)
+        for e, name in enumerate(eval_names):
+            probs = torch.stack([F.softmax(head(trunk(views[e])), -1) for head in heads])
+            correct[:-1, e] += (probs.argmax(-1) == yb).sum(-1).cpu().numpy()
+            own = list(trained).index(name) if name in trained else None
+            pred = probs[own] if own is not None else probs.mean(0)
+            correct[-1, e] += (pred.argmax(-1) == yb).sum().item()
+    for module, mode in zip((trunk, *heads), modes):
+        module.train(mode)
+    return correct / x.shape[0]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' -> torch.device; ValueError when unknown or absent."""
+    text = str(name).strip().lower()
+    if not (text in ("cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise ValueError(f"unknown device {name!r} (choose cpu or cuda)")
+    if text == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but no CUDA GPU is available")
+    device = torch.device(text)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) present")
+    return device
+
+
+def _check_resume(state: dict, config: RunConfig, path: Path) -> None:
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of `mtdl-fast run` (format {state.get('format')!r})")
+    saved = state["config"]
+    different = {k: (saved.get(k), v) for k, v in dataclasses.asdict(config).items()
+                 if k not in ("steps", "epochs", "checkpoint_every") and saved.get(k) != v}
+    if different:
+        raise CheckpointError(f"{path} was written by a run with other options: {different}")
+
+
+def _read_metrics(path: Path, upto: int | None = None) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if upto is None or r["step"] <= upto]
+
+
+def _train_subset(config: RunConfig, names: Sequence[str], data: Dataset, device: torch.device, label: str):
+    engine = build_engine(config, names, data, device)
+    train(config, engine, data, device, label=label)
+    return engine
+
+
+def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None) -> dict:
+    """The main job (see module docstring). Returns the results written to results.json."""
+    from mtdl_fast.grouping import select_groups
+    from mtdl_fast.reports import write_report
+
+    config.validate()
+    device = resolve_device(config.device)
+    data = load_dataset(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(config.tasks)
+    engine = build_engine(config, names, data, device)
+    start = 0
+    if resume is not None:
+        state = load_checkpoint(resume)
+        _check_resume(state, config, Path(resume))
+        engine.load_state_dict(state["engine"])
+        start = int(state["step"])
+        kept = _read_metrics(out / "metrics.jsonl", upto=start)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    began = time.perf_counter()
+    train(config, engine, data, device, out_dir=out, start_step=start, label="all tasks")
+    metrics = _read_metrics(out / "metrics.jsonl")
+    affinity = engine.tracker.affinity.cpu().numpy() if engine.tracker is not None else np.zeros((1, 1))
+    np.save(out / "affinity.npy", affinity)
+    np.savetxt(out / "affinity.csv", affinity, delimiter=",", header=",".join(names), comments="")
+    grouping = select_groups(np.nan_to_num(affinity), budget=min(config.budget, len(names)), names=names)
+    group_record = {"groups": grouping.groups, "serving": list(grouping.serving), "score": float(grouping.score),
+                    "method": "tag", "names": names}
+    (out / "groups.json").write_text(json.dumps(group_record, indent=2) + "\n")
+    x_eval, y_eval = data.x_test[: config.eval_size].to(device), data.y_test[: config.eval_size].to(device)
+    acc = evaluate(engine, names, names, x_eval, y_eval, config.seed)
+    results = {
+        "names": names,
+        "config": dataclasses.asdict(config),
+        "affinity": affinity,
+        "affinity_steps": engine.tracker.steps if engine.tracker is not None else 0,
+        "groups": group_record,
+        "accuracy_matrices": [{"rows": [f"head {n}" for n in names] + ["model"], "cols": names, "matrix": acc,
+                               "title": "All tasks together: accuracy of each head on each distribution"}],
+        "metrics": metrics,
+        "skipped_steps": engine.skipped_steps,
+    }
+    if config.protocol == "paper":
+        paper = paper_protocol(config, names, data, device, acc[-1], grouping, x_eval, y_eval)
+        results["accuracy_matrices"].append(paper.pop("shift"))
+        results.update(paper)
+    recent = [r["images_per_s"] for r in metrics[-50:]]
+    results["throughput"] = {"images_per_s": float(np.median(recent)) if recent else 0.0, "device": str(device)}
+    results["timing"] = {"seconds": time.perf_counter() - began}
+    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+    write_report(out, results)
+    return results
+
+
+def paper_protocol(config, names, data, device, together_acc, grouping, x_eval, y_eval) -> dict:
+    """Each distribution alone, every pair, all together and the TAG (and HOA) groups, each model
+    evaluated on every distribution; each task of a grouping is served by its group's model."""
+    from mtdl_fast.grouping import select_groups
+
+    k = len(names)
+    alone = np.stack([evaluate(_train_subset(config, [n], data, device, f"alone {n}"), [n], names,
+                               x_eval, y_eval, config.seed)[-1] for n in names])
+    pair_error = np.zeros((k, k))
+    for a in range(k):
+        pair_error[a, a] = 1 - alone[a, a]
+    for a in range(k):
+        for b in range(a + 1, k):
+            engine = _train_subset(config, [names[a], names[b]], data, device, f"pair {names[a]}+{names[b]}")
+            acc = evaluate(engine, [names[a], names[b]], [names[a], names[b]], x_eval, y_eval, config.seed)[-1]
+            pair_error[a, b], pair_error[b, a] = 1 - acc[0], 1 - acc[1]
+    hoa = select_groups(pair_error, budget=min(config.budget, k), method="hoa", names=names)
+
+    def grouped(result, label):
+        per_task = np.zeros(k)
+        for g, members in enumerate(result.groups):
+            group_names = [names[m] for m in members]
+            engine = _train_subset(config, group_names, data, device, f"{label} group {g}")
+            acc = evaluate(engine, group_names, names, x_eval, y_eval, config.seed)[-1]
+            for task in range(k):
+                if result.serving[task] == g:
+                    per_task[task] = acc[task]
+        return per_task
+
+    tag_acc, hoa_acc = grouped(grouping, "TAG"), grouped(hoa, "HOA")
+    own = np.diag(alone)
+    comparison = [
+        {"setting": "each alone", "mean_accuracy": float(own.mean()), "per_task": own.tolist()},
+        {"setting": "all together", "mean_accuracy": float(together_acc.mean()), "per_task": together_acc.tolist()},
+        {"setting": f"TAG groups {grouping.groups}", "mean_accuracy": float(tag_acc.mean()), "per_task": tag_acc.tolist()},
+        {"setting": f"HOA groups {hoa.groups}", "mean_accuracy": float(hoa_acc.mean()), "per_task": hoa_acc.tolist()},
+    ]
+    shift = {"rows": [f"trained on {n}" for n in names] + ["trained on all"], "cols": names,
+             "matrix": np.vstack([alone, together_acc[None]]),
+             "title": "Distribution shift: accuracy of each trained model on every distribution"}
+    return {"comparison": comparison, "pair_error": pair_error, "hoa_groups": {"groups": hoa.groups}, "shift": shift}
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

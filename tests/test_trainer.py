@@ -1,0 +1,132 @@
+"""The main job end to end at toy size: run directory contents, exact resume, checkpoint integrity,
+and the CLI's one-line errors (exit code 2, nothing overwritten)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mtdl_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mtdl_fast.cli import main
+from mtdl_fast.trainer import RunConfig, run
+
+TINY = ["--tasks", "identity,rotate,brightness", "--steps", "6", "--batch-size", "16", "--image-size", "8",
+        "--affinity-every", "2", "--checkpoint-every", "3", "--budget", "2", "--trunk", "mlp"]
+
+
+def tiny_config(**overrides) -> RunConfig:
+    base = dict(tasks=["identity", "rotate", "brightness"], steps=6, batch_size=16, image_size=8, affinity_every=2,
+                checkpoint_every=3, budget=2, trunk="mlp", eval_size=64)
+    base.update(overrides)
+    return RunConfig(**base)
+
+
+def test_run_writes_the_whole_run_directory(tmp_path):
+    assert main(["run", "--out", str(tmp_path / "run"), *TINY]) == 0
+    out = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "affinity.npy", "affinity.csv", "groups.json", "results.json",
+                 "report.md", "affinity.png", "accuracy.png", "curves.png", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    affinity = np.load(out / "affinity.npy")
+    assert affinity.shape == (3, 3) and np.isfinite(affinity).all()
+    groups = json.loads((out / "groups.json").read_text())
+    assert sorted({t for g in groups["groups"] for t in g}) == [0, 1, 2]
+    results = json.loads((out / "results.json").read_text())
+    matrix = np.array(results["accuracy_matrices"][0]["matrix"])
+    assert matrix.shape == (4, 3) and ((0 <= matrix) & (matrix <= 1)).all()
+    assert "rotate" in (out / "report.md").read_text()
+
+
+def test_resumed_run_reaches_the_same_result(tmp_path, monkeypatch):
+    full = run(tiny_config(), tmp_path / "full")
+    # interrupt a second run after step 4: Ctrl-C saves a checkpoint on the way out
+    import mtdl_fast.engine as engine_module
+
+    original = engine_module.MTDLEngine.step
+    calls = {"n": 0}
+
+    def interrupted(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, x, y)
+
+    monkeypatch.setattr(engine_module.MTDLEngine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config(), tmp_path / "cut")
+    monkeypatch.setattr(engine_module.MTDLEngine, "step", original)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 4
+    resumed = run(tiny_config(), tmp_path / "cut", resume=tmp_path / "cut" / "checkpoint.pt")
+    assert np.array_equal(resumed["affinity"], full["affinity"])
+    assert [r["loss"] for r in resumed["metrics"]] == [r["loss"] for r in full["metrics"]]
+    assert np.array_equal(resumed["accuracy_matrices"][0]["matrix"], full["accuracy_matrices"][0]["matrix"])
+
+
+def test_checkpoint_corruption_and_foreign_files_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"format": "x", "value": torch.arange(10)})
+    assert torch.equal(load_checkpoint(path)["value"], torch.arange(10))
+    data = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[:-7])
+    flipped = bytearray(data)
+    flipped[-3] ^= 0xFF
+    (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+    torch.save({"a": 1}, tmp_path / "foreign.pt")
+    for name, match in (("truncated.pt", "checksum"), ("flipped.pt", "checksum"), ("foreign.pt", "not an mtdl-fast"),
+                        ("missing.pt", "does not exist")):
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--tasks", "identity,warp_drive"], "unknown task 'warp_drive'"),
+        (["run", "--dataset", "imagenet-22k"], "unknown dataset"),
+        (["run", "--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "cifar"),
+        (["run", "--dataset", "npz", "--data-dir", "/nonexistent/x.npz"], "data-dir"),
+        (["run", "--model", "transformer"], "kind"),
+        (["run", "--device", "tpu"], "unknown device"),
+        (["run", "--steps", "0"], "steps"),
+        (["run", "--steps", "5", "--epochs", "1"], "not allowed with"),
+        (["groups", "/nonexistent/affinity.npy"], "does not exist"),
+        (["eval", "/nonexistent/checkpoint.pt"], "does not exist"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_code_2(argv, message, tmp_path, capsys):
+    code = main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] == "run" else [])])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message.lower() in err.lower() and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_never_overwrites_a_previous_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    assert main(["run", "--out", str(out), *TINY]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == "{}"
+
+
+def test_resume_refuses_a_corrupt_or_mismatched_checkpoint(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "run"), *TINY]) == 0
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    results_before = (tmp_path / "run" / "results.json").read_text()
+    assert main(["run", "--resume", str(ckpt), *TINY[:-2], "--budget", "3"]) == 2
+    assert "other options" in capsys.readouterr().err
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    assert main(["run", "--resume", str(ckpt), *TINY]) == 2
+    assert "checksum" in capsys.readouterr().err
+    assert (tmp_path / "run" / "results.json").read_text() == results_before
+
+
+def test_groups_and_eval_commands(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "run"), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["groups", str(tmp_path / "run" / "affinity.csv"), "--budget", "2"]) == 0
+    assert "rotate" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "run" / "checkpoint.pt"), "--tasks", "identity,hue"]) == 0
+    assert "hue" in capsys.readouterr().out
