@@ -230,6 +230,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=d.model, help="hard (shared trunk, K heads), onehot, gating, film or moe")
     p.add_argument("--trunk", default=d.trunk, help="resnet or mlp (default resnet)")
     p.add_argument("--weighting", default=d.weighting, help="sum, minmax, uncertainty, dwa, svd or uniform")
+    p.add_argument("--strategy", default=d.strategy,
+                   help="joint (default) or stgu: Selective Task Group Updates, groups stepped in turn")
     p.add_argument("--affinity-every", type=int, default=d.affinity_every, help=f"exact TAG affinity every N steps (default {d.affinity_every})")
     p.add_argument("--affinity-mode", default=d.affinity_mode, help="exact or first_order")
     p.add_argument("--budget", type=int, default=d.budget, help=f"maximum number of task groups (default {d.budget})")
@@ -252,7 +254,8 @@ def _config_from(args: argparse.Namespace):
     steps = args.steps if args.steps is not None or args.epochs is not None else RunConfig().steps
     config = RunConfig(tasks=tasks, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
                        steps=steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, model=args.model,
-                       trunk=args.trunk, weighting=args.weighting, affinity_every=args.affinity_every,
+                       trunk=args.trunk, weighting=args.weighting, strategy=args.strategy,
+                       affinity_every=args.affinity_every,
                        affinity_mode=args.affinity_mode, budget=args.budget, device=args.device, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, protocol=args.protocol)
     try:

@@ -34,6 +34,10 @@ class MTDLEngine:
         chunk_size, decay: passed to the AffinityTracker.
         skip_nonfinite: skip (and count) an optimizer step whose loss is not finite. This reads the
             loss on the host once per step; pass False for a step without host synchronisation.
+        strategy: "joint" (one step on the weighted sum of the task losses) or "stgu" (Selective
+            Task Group Updates: groups stepped one after another on each batch, regrouped from
+            proximal affinity after `stgu_warmup` steps; the weighting does not apply).
+        stgu_warmup, stgu_decay: SelectiveGroupUpdates' warm-up iterations and EMA decay.
     """
 
     def __init__(
@@ -51,9 +55,15 @@ class MTDLEngine:
         chunk_size: int | None = None,
         decay: float | None = None,
         skip_nonfinite: bool = True,
+        strategy: str = "joint",
+        stgu_warmup: int = 100,
+        stgu_decay: float = 1e-3,
     ):
+        from mtdl_fast.stgu import SelectiveGroupUpdates
         from mtdl_fast.weighting import Sum
 
+        if strategy not in ("joint", "stgu"):
+            raise ValueError(f"strategy must be 'joint' or 'stgu', got {strategy!r}")
         heads = nn.ModuleList(heads) if not isinstance(heads, nn.ModuleList) else heads
         if len(heads) != len(tasks):
             raise ValueError(f"heads has {len(heads)} modules but tasks defines {len(tasks)} distributions")
@@ -72,6 +82,10 @@ class MTDLEngine:
                 trunk, heads, lr=affinity_lr, mode=affinity_mode,
                 optimizer=optimizer if affinity_lr is None else None, chunk_size=chunk_size, decay=decay,
             )
+        self.stgu = None
+        if strategy == "stgu":
+            self.stgu = SelectiveGroupUpdates(trunk, heads, optimizer, decay=stgu_decay, warmup=stgu_warmup,
+                                              loss_fn=loss_fn, generator=torch.Generator().manual_seed(0))
         self.step_count = 0
         self.skipped_steps = 0
 
@@ -111,6 +125,13 @@ class MTDLEngine:
         """`step` on precomputed views (K, B, ...)."""
         track = self.track_now()
         self.step_count += 1
+        if self.stgu is not None:
+            with record_function("affinity"):
+                z = self.tracker.step(views, targets, self.loss_fn) if track else None
+            out = self.stgu.step(views, targets)
+            losses = out["losses"].detach()
+            info = {"losses": losses, "weights": None, "affinity": z, "skipped": None, "groups": out["groups"]}
+            return losses.sum(), info
         if track and getattr(self.weighting, "linear", False):
             return self._tracked_step(views, targets)
         with record_function("affinity"):
@@ -175,6 +196,7 @@ class MTDLEngine:
             "weighting": self.weighting.state_dict(),
             "tasks": self.tasks.state_dict(),
             "tracker": None if self.tracker is None else self.tracker.state_dict(),
+            "stgu": None if self.stgu is None else self.stgu.state_dict(),
             "step_count": self.step_count,
             "skipped_steps": self.skipped_steps,
         }
@@ -187,5 +209,7 @@ class MTDLEngine:
         self.tasks.load_state_dict(state["tasks"])
         if self.tracker is not None and state.get("tracker") is not None:
             self.tracker.load_state_dict(state["tracker"])
+        if self.stgu is not None and state.get("stgu") is not None:
+            self.stgu.load_state_dict(state["stgu"])
         self.step_count = int(state["step_count"])
         self.skipped_steps = int(state["skipped_steps"])

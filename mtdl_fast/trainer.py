@@ -44,6 +44,7 @@ class RunConfig:
     trunk: str = "resnet"
     width: int = 8
     weighting: str = "sum"
+    strategy: str = "joint"
     affinity_every: int = 10
     affinity_mode: str = "exact"
     budget: int = 3
@@ -65,6 +66,8 @@ class RunConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.strategy not in ("joint", "stgu"):
+            raise ValueError(f"strategy must be 'joint' or 'stgu', got {self.strategy!r}")
         if self.protocol not in ("default", "paper"):
             raise ValueError(f"protocol must be 'default' or 'paper', got {self.protocol!r}")
 
@@ -150,7 +153,8 @@ def build_engine(config: RunConfig, task_names: Sequence[str], data: Dataset, de
     tasks = DistributionTasks(list(task_names), seed=config.seed)
     return MTDLEngine(tasks, model.trunk, model.heads, optimizer, weighting=weighting,
                       affinity_every=config.affinity_every if len(task_names) > 1 else None,
-                      affinity_mode=config.affinity_mode)
+                      affinity_mode=config.affinity_mode, strategy=config.strategy,
+                      stgu_warmup=max(1, total_steps(config, data) // 4))
 
 
 def total_steps(config: RunConfig, data: Dataset) -> int:
@@ -313,6 +317,8 @@ def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None
     (out / "groups.json").write_text(json.dumps(group_record, indent=2) + "\n")
     x_eval, y_eval = data.x_test[: config.eval_size].to(device), data.y_test[: config.eval_size].to(device)
     acc = evaluate(engine, names, names, x_eval, y_eval, config.seed)
+    if engine.stgu is not None:
+        (out / "stgu.json").write_text(json.dumps({"groups": engine.stgu.groups, "names": names}, indent=2) + "\n")
     results = {
         "names": names,
         "config": dataclasses.asdict(config),

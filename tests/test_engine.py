@@ -93,3 +93,23 @@ def test_bad_construction():
         MTDLEngine(engine.tasks, engine.trunk, list(engine.heads)[:2], engine.optimizer)
     with pytest.raises(ValueError, match="affinity_every"):
         MTDLEngine(engine.tasks, engine.trunk, engine.heads, engine.optimizer, affinity_every=0)
+
+
+def test_stgu_strategy_trains_regroups_and_resumes_exactly():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(81, 6), nn.Tanh()).double()
+    heads = nn.ModuleList(nn.Linear(6, 5) for _ in range(K)).double()
+    opt = torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.1)
+    tasks = mf.DistributionTasks(["identity", "rotate", "brightness"], seed=0, backend="torch", out_dtype=torch.float64)
+    engine = MTDLEngine(tasks, trunk, heads, opt, affinity_every=2, strategy="stgu", stgu_warmup=2)
+    before = state(engine.trunk)
+    for step in range(3):
+        loss, info = engine.step(*batch(step))
+        assert sorted(t for g in info["groups"] for t in g) == [0, 1, 2]
+    assert not all(torch.equal(a, b) for a, b in zip(before, state(engine.trunk)))
+    saved = copy.deepcopy(engine.state_dict())
+    expected = [engine.step(*batch(step))[0] for step in range(3, 6)]
+    engine.load_state_dict(saved)
+    assert [engine.step(*batch(step))[0] for step in range(3, 6)] == expected
+    with pytest.raises(ValueError, match="strategy"):
+        MTDLEngine(tasks, trunk, heads, opt, strategy="alternating")

@@ -130,3 +130,10 @@ def test_groups_and_eval_commands(tmp_path, capsys):
     assert "rotate" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "run" / "checkpoint.pt"), "--tasks", "identity,hue"]) == 0
     assert "hue" in capsys.readouterr().out
+
+
+def test_run_with_selective_task_group_updates(tmp_path):
+    assert main(["run", "--out", str(tmp_path / "run"), *TINY, "--strategy", "stgu"]) == 0
+    record = json.loads((tmp_path / "run" / "stgu.json").read_text())
+    assert sorted(t for g in record["groups"] for t in g) == [0, 1, 2]
+    assert main(["run", "--out", str(tmp_path / "bad"), *TINY, "--strategy", "round_robin"]) == 2
