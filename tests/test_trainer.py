@@ -137,3 +137,17 @@ def test_run_with_selective_task_group_updates(tmp_path):
     record = json.loads((tmp_path / "run" / "stgu.json").read_text())
     assert sorted(t for g in record["groups"] for t in g) == [0, 1, 2]
     assert main(["run", "--out", str(tmp_path / "bad"), *TINY, "--strategy", "round_robin"]) == 2
+
+
+def test_paper_protocol_compares_alone_together_and_groups(tmp_path):
+    results = run(tiny_config(protocol="paper", steps=4), tmp_path / "paper")
+    settings = [row["setting"] for row in results["comparison"]]
+    assert settings[:2] == ["each alone", "all together"] and settings[2].startswith("TAG groups")
+    assert settings[3].startswith("HOA groups")
+    for row in results["comparison"]:
+        assert len(row["per_task"]) == 3 and all(0 <= a <= 1 for a in row["per_task"])
+    shift = results["accuracy_matrices"][1]
+    assert np.asarray(shift["matrix"]).shape == (4, 3)
+    pair_error = np.asarray(results["pair_error"])
+    assert pair_error.shape == (3, 3) and ((0 <= pair_error) & (pair_error <= 1)).all()
+    assert "HOA groups" in (tmp_path / "paper" / "report.md").read_text()
