@@ -62,12 +62,13 @@ N_SLOTS = 32
 # --------------------------------------------------------------------------------------------------
 import contextlib  # noqa: E402  (imports follow the ABI header on purpose)
 import math  # noqa: E402
-import os  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+from ._launch import interpreting, sm_count  # noqa: E402
 
 N_SPATIAL = 4         # spatial codes are 0 .. N_SPATIAL - 1
 N_OPS = 11            # op codes are 0 .. N_OPS - 1
@@ -590,21 +591,10 @@ def _fused_views_kernel(x_ptr, out_ptr, spatial_ptr, ops_ptr, params_ptr, partia
 # --------------------------------------------------------------------------------------------------
 _IN_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SM_COUNT: dict = {}
 _TABLE_CACHE: dict = {}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _pick_block(hw: int, batch: int, device: torch.device) -> tuple[int, int]:
@@ -617,10 +607,10 @@ def _pick_block(hw: int, batch: int, device: torch.device) -> tuple[int, int]:
     every SM a few programs.
     """
     block = triton.next_power_of_2(hw)
-    if _interpreting():  # the interpreter pays per program: fewest, largest tiles
+    if interpreting():  # the interpreter pays per program: fewest, largest tiles
         return max(16, min(1024, block)), 4
     block = max(64, min(256, block))
-    while block > 64 and triton.cdiv(hw, block) * batch < 4 * _sm_count(device):
+    while block > 64 and triton.cdiv(hw, block) * batch < 4 * sm_count(device):
         block //= 2
     return block, block // 32
 
@@ -713,7 +703,7 @@ def fused_views(
         raise ValueError(f"x must have C in (1, 3) channels, got C={C} (shape {tuple(x.shape)})")
     if x.dtype not in _IN_DTYPES:
         raise ValueError(f"x must have dtype uint8, float16, bfloat16 or float32, got {x.dtype}")
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"x must be a CUDA tensor (CPU tensors run only under TRITON_INTERPRET=1), "
                          f"got device {x.device}")
     dev = x.device

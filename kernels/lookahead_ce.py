@@ -39,19 +39,19 @@ require grad; use the twin if a gradient is ever needed).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import interpreting, sm_count
+
 __all__ = ["lookahead_cross_entropy", "lookahead_cross_entropy_torch"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TWIN_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 _REDUCTIONS = ("mean", "sum", "none")
-_SM_COUNT: dict = {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,17 +150,7 @@ def _lookahead_ce_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _pick_config(n_ij: int, B: int, C: int, D: int, dtype: torch.dtype,
@@ -203,7 +193,7 @@ def _pick_config(n_ij: int, B: int, C: int, D: int, dtype: torch.dtype,
         block_b, block_c, block_d = 64, 64, 32
     block_c = max(16, min(block_c, triton.next_power_of_2(C)))
     block_b = max(16, min(block_b, triton.next_power_of_2(max(B, 1))))
-    sms = _sm_count(device)
+    sms = sm_count(device)
     while block_b > 16 and n_ij * triton.cdiv(B, block_b) < 2 * sms:
         block_b //= 2
     return block_b, block_c, block_d, 8
@@ -306,7 +296,7 @@ def lookahead_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias: 
     """
     I, J, B, D, C = _validate(features, weight, bias, targets, reduction, ignore_index, _KERNEL_DTYPES)
     dev = features.device
-    if dev.type == "cpu" and not _interpreting():
+    if dev.type == "cpu" and not interpreting():
         raise ValueError("features is a CPU tensor: the Triton kernel runs on CPU tensors only under "
                          "TRITON_INTERPRET=1; use lookahead_cross_entropy_torch on the CPU")
     if dev.type not in ("cpu", "cuda"):

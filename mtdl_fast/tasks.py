@@ -9,7 +9,6 @@ scaled by 1/255 first, exactly like torchvision's `to_dtype(x, torch.float32, sc
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from mtdl_fast.functional._utils import to_float
 from mtdl_fast.kernels import fused_views as K
+from mtdl_fast.kernels._launch import interpreting
 from mtdl_fast.ops import Draw, Op, make_op
 
 TaskLike = Union[str, tuple[str, dict]]
@@ -339,7 +339,7 @@ class DistributionTasks(nn.Module):
         return spatial.to(device), codes.to(device), table
 
     def _apply_triton(self, x: torch.Tensor, params: TaskParams, out: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not x.is_cuda and not interpreting():
             raise ValueError("backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
         spatial, codes, table = self.kernel_tables(params, x.device)
         return K.fused_views(
