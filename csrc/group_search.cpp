@@ -22,8 +22,9 @@
 //     f = sum_{a not in D} cur_a + sum_{a in D} y_a,   D = U ∪ {covered a whose score R raises},
 // and the tasks of D are served by R, so by (1)
 //     f <= max_{E ⊆ I} [ sum_{cov \ E} cur_a + h_r(U ∪ E) ],   I = {covered a : best_a > cur_a}  (2)
-// where best_a = max_S sc[S][a] is task a's best reachable score. The max over E is itself found by
-// a small depth-first search over I (largest deficit best_a - cur_a first), pruned with
+// where best_a = max_S sc[S][a] is task a's best reachable score. Whether the max over E reaches
+// the threshold is itself decided by a small depth-first search over I (largest deficit
+// best_a - cur_a first, see may_reach), pruned with
 //     h_r(X ∪ Y) <= h_r(X) + sum_{a in Y} best_a                                               (3)
 // (drop Y's tasks from each block: w(T \ Y) >= w(T) - sum_{T ∩ Y} best). At E = ∅ with (3), (2)
 // gives the per-task bound  sum_{cov} max(cur_a, best_a) + h_r(U) <= sum_a max(cur_a, best_a):
@@ -40,9 +41,10 @@
 // collections near the optimum): collections within float noise of the optimum are ties and the
 // first one in enumeration order wins, i.e. "first found wins ties". An optimal collection never
 // needs more than K groups (each task is served by one), so passes stop at min(budget, K).
-// Pruning compares bounds with theta - tol, tol covering the rounding of the bound sums, so no
-// collection with total >= theta is ever cut. theta is also capped by the float total of the
-// collection rebuilt from the DP, so a qualifying leaf always exists.
+// Pruning compares each bound with theta - tol, tol = gamma (the magnitudes that enter that bound's
+// sums + A), gamma = 8 (K + b + 2) u: more than their rounding, so no collection with total >= theta
+// is ever cut. theta is also capped by the float total of the collection rebuilt from the DP, so a
+// qualifying leaf always exists.
 #include "group_search.h"
 
 #include <c10/util/Exception.h>
@@ -89,16 +91,17 @@ class Search {
     }
     const double gamma = 8.0 * double(K_ + maxr_ + 2) * kUnit;
     const double tau = gamma * A;
-    tol_ = gamma * (A + 3.0 * mabs_sum);
+    base_tol_ = gamma * (A + mabs_sum);
+    gamma_ = gamma;
+    A_ = A;
     theta_ = std::min(v - tau, dp_collection_total());
-    target_ = theta_ - tol_;
 
     cur_.assign(size_t(K_ + 1) * K_, -kInf);
     chosen_.assign(K_ + 1, 0);
     nodes_ = 0;
     bool found = false;
     for (int m = 1; m <= maxr_ && !found; ++m) {
-      if (h(m, full_) < target_) continue;  // no m-collection reaches theta
+      if (h(m, full_) < theta_ - base_tol_) continue;  // no m-collection reaches theta
       found = dfs(0, 0, full_, m);
     }
     TORCH_CHECK(found, "group_search: internal error, no collection reached the DP optimum");
@@ -144,9 +147,12 @@ class Search {
         }
         r[a] = s;
         best_[a] = std::max(best_[a], s);
-        mabs_[a] = std::max(mabs_[a], std::fabs(s));
+        if (pc >= 2) mabs_[a] = std::max(mabs_[a], std::fabs(s));
       }
     }
+    // mabs_[a] bounds |score| of a in any block of a DP partition: blocks of >= 2 tasks are served
+    // by groups of >= 2, a lone block {a} is worth best_a.
+    for (int a = 0; a < K_; ++a) mabs_[a] = std::max(mabs_[a], std::fabs(best_[a]));
   }
 
   void build_dp() {
@@ -317,20 +323,36 @@ class Search {
     return false;
   }
 
-  // Bound (2) >= target ? (r >= 1)
+  // Bound (2) >= theta (up to rounding)? (r >= 1)
+  //
+  // The covered tasks split into the settled ones (cur_a >= best_a: never re-served) and I, sorted
+  // by deficit best_a - cur_a, largest first (a task stuck on a -1e6 singleton comes first), ties by
+  // task index. A depth-first search decides, task by task, whether a is in E. At a node with E_in
+  // decided and R = the undecided rest, X = U ∪ E_in and acc = sum of cur over the settled and the
+  // excluded tasks:
+  //   any E in the subtree:  value(E) <= acc + h_r(X) + sum_{a in R} best_a     (by (3))
+  //   E = E_in itself:       value    =  acc + h_r(X) + sum_{a in R} cur_a
+  // Scores are only ever added (never added and subtracted again), so a -1e6 singleton score
+  // enters a sum only where it sinks that sum, and each test allows for the rounding of the
+  // magnitudes it adds: tol = gamma (A + sum_{X} mabs + sum |acc terms| + sum_{R} |best|).
   bool may_reach(const double* c, uint32_t U, int r) {
-    double base = 0.0;
+    double acc = 0.0, accabs = 0.0, mabsx = 0.0;
     int n = 0;
     for (int a = 0; a < K_; ++a) {
-      if ((U >> a) & 1u) continue;
-      base += c[a];
+      if ((U >> a) & 1u) {
+        mabsx += mabs_[a];
+        continue;
+      }
       if (best_[a] > c[a]) {
         def_[n] = best_[a] - c[a];
         ord_[n] = a;
         ++n;
+      } else {
+        acc += c[a];
+        accabs += std::fabs(c[a]);
       }
     }
-    // largest deficit first; ties by task index (stable)
+    // largest deficit first; ties by task index (stable insertion sort)
     for (int i = 1; i < n; ++i) {
       const double dv = def_[i];
       const int av = ord_[i];
@@ -343,24 +365,28 @@ class Search {
       def_[j + 1] = dv;
       ord_[j + 1] = av;
     }
-    suf_[n] = 0.0;
-    for (int i = n - 1; i >= 0; --i) suf_[i] = def_[i] + suf_[i + 1];
+    sufbest_[n] = sufcur_[n] = sufbabs_[n] = 0.0;
+    for (int i = n - 1; i >= 0; --i) {
+      const int a = ord_[i];
+      sufbest_[i] = best_[a] + sufbest_[i + 1];
+      sufcur_[i] = c[a] + sufcur_[i + 1];
+      sufbabs_[i] = std::fabs(best_[a]) + sufbabs_[i + 1];
+    }
     n_ = n;
     c_ = c;
     r_ = r;
-    return esearch(0, U, base);
+    return esearch(0, U, acc, accabs, mabsx);
   }
 
-  // max over E of bound (2), as a depth-first search: tasks ord_[0..i) decided, X = U ∪ E_in,
-  // acc = sum_{cov \ E_in} cur.
-  bool esearch(int i, uint32_t X, double acc) {
-    const double v = acc + h(r_, X);
-    if (v >= target_) return true;
-    if (v + suf_[i] < target_) return false;  // (3)
+  bool esearch(int i, uint32_t X, double acc, double accabs, double mabsx) {
+    const double s = acc + h(r_, X);
+    const double target = theta_ - gamma_ * (A_ + (mabsx + (accabs + sufbabs_[i])));
+    if (s + sufcur_[i] >= target) return true;   // E = E_in reaches theta: the node stays
+    if (s + sufbest_[i] < target) return false;  // nothing below reaches it: prune
     if (i == n_) return false;
     const int a = ord_[i];
-    if (esearch(i + 1, X | (uint32_t(1) << a), acc - c_[a])) return true;
-    return esearch(i + 1, X, acc);
+    if (esearch(i + 1, X | (uint32_t(1) << a), acc, accabs, mabsx + mabs_[a])) return true;
+    return esearch(i + 1, X, acc + c_[a], accabs + std::fabs(c_[a]), mabsx);
   }
 
   int K_;
@@ -369,7 +395,7 @@ class Search {
   std::vector<double> sc_, best_, mabs_;
   std::vector<std::vector<double>> h_;  // h_[r-1] = h_r, r = 1 .. maxr-1 (h_[0] = w = h_1)
   double h_top_ = 0.0;                  // h_maxr(all)
-  double theta_ = 0.0, tol_ = 0.0, target_ = 0.0;
+  double theta_ = 0.0, base_tol_ = 0.0, gamma_ = 0.0, A_ = 0.0;
   std::vector<double> cur_;
   std::vector<uint32_t> chosen_;
   int64_t nodes_ = 0;
@@ -377,7 +403,7 @@ class Search {
   std::vector<uint32_t> found_groups_;
   // scratch of may_reach / esearch
   double def_[kGroupSearchMaxTasks + 1];
-  double suf_[kGroupSearchMaxTasks + 2];
+  double sufbest_[kGroupSearchMaxTasks + 2], sufcur_[kGroupSearchMaxTasks + 2], sufbabs_[kGroupSearchMaxTasks + 2];
   int ord_[kGroupSearchMaxTasks + 1];
   int n_ = 0, r_ = 0;
   const double* c_ = nullptr;
@@ -407,8 +433,8 @@ GroupSearchOutput group_search(const double* M, int K, int64_t budget, bool mini
 
 std::tuple<double, std::vector<int64_t>, int64_t> select_groups(const at::Tensor& matrix, int64_t budget,
                                                                 bool minimize) {
-  TORCH_CHECK(matrix.dim() == 2 && matrix.size(0) == matrix.size(1), "select_groups: matrix must be square (K, K), got ",
-              matrix.sizes());
+  TORCH_CHECK(matrix.dim() == 2 && matrix.size(0) == matrix.size(1),
+              "select_groups: matrix must be square (K, K), got ", matrix.sizes());
   const int64_t K = matrix.size(0);
   TORCH_CHECK(K >= 1 && K <= kGroupSearchMaxTasks, "select_groups: the exact search supports 1 <= K <= ",
               kGroupSearchMaxTasks, " tasks, got K = ", K);
@@ -424,9 +450,9 @@ std::tuple<double, std::vector<int64_t>, int64_t> select_groups(const at::Tensor
   try {
     out = group_search(data.data(), int(K), budget, minimize);
   } catch (const std::bad_alloc&) {
-    TORCH_CHECK(false, "select_groups: out of memory for K = ", K, " (the tables need about ",
-                (8.0 * double(K) + 8.0 * double(std::min<int64_t>(budget, K) + 1) + 12.0) * double(int64_t(1) << K) / 1e6,
-                " MB)");
+    const double mb =
+        (8.0 * double(K) + 8.0 * double(std::min<int64_t>(budget, K)) + 12.0) * double(int64_t(1) << K) / 1e6;
+    TORCH_CHECK(false, "select_groups: out of memory for K = ", K, " (the tables need about ", mb, " MB)");
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, e.what());
   }

@@ -9,6 +9,7 @@
 from mtdl_fast import _ext, functional, models, tasks
 from mtdl_fast.affinity import AffinityTracker
 from mtdl_fast.affinity_propagation import affinity_propagation
+from mtdl_fast.grouping import GroupingResult, select_groups
 from mtdl_fast.stgu import SelectiveGroupUpdates
 from mtdl_fast.tasks import DEFAULT_TASKS, DistributionTasks, TaskParams, TaskSpec
 
@@ -16,12 +17,14 @@ __all__ = [
     "AffinityTracker",
     "DEFAULT_TASKS",
     "DistributionTasks",
+    "GroupingResult",
     "SelectiveGroupUpdates",
     "TaskParams",
     "TaskSpec",
     "affinity_propagation",
     "functional",
     "models",
+    "select_groups",
     "tasks",
 ]
 __version__ = "0.1.0"

@@ -470,8 +470,14 @@ class _PySearch:
         self.maxr = min(budget, k)
         self.sc = _score_table(m, minimize)
         self.best = self.sc.max(axis=0)
+        masks = np.arange(self.n)
+        pc = np.zeros(self.n, dtype=np.int64)
+        for b in range(k):
+            pc += (masks >> b) & 1
+        pair_up = (pc >= 2)[:, None]
         with np.errstate(invalid="ignore"):
-            self.mabs = np.where(np.isfinite(self.sc), np.abs(self.sc), 0.0).max(axis=0)
+            mabs = np.where(np.isfinite(self.sc) & pair_up, np.abs(self.sc), 0.0).max(axis=0)
+        self.mabs = np.maximum(mabs, np.abs(self.best))
         self._build_dp()
 
     # -- tables --
@@ -564,13 +570,13 @@ class _PySearch:
             mabs_sum += float(self.mabs[a])
         gamma = 8.0 * float(k + self.maxr + 2) * _UNIT
         tau = gamma * big_a
-        self.tol = gamma * (big_a + 3.0 * mabs_sum)
+        self.base_tol = gamma * (big_a + mabs_sum)
+        self.gamma, self.big_a = gamma, big_a
         self.theta = min(v - tau, self._dp_collection_total())
-        self.target = self.theta - self.tol
         self.nodes = 0
         self.found: tuple[float, list[int]] | None = None
         for m in range(1, self.maxr + 1):
-            if self.hval(m, self.full) < self.target:
+            if self.hval(m, self.full) < self.theta - self.base_tol:
                 continue
             if self._dfs([], 0, np.full(k, -np.inf), self.full, m):
                 break
@@ -614,58 +620,77 @@ class _PySearch:
 
     def _root_checks(self, nxt: np.ndarray, u2: np.ndarray, r: int) -> np.ndarray:
         """The first step of `_may_reach` (E = {}) for many children at once, same float ops."""
-        k = self.k
+        k, best = self.k, self.best
         covered = ((u2[:, None] >> np.arange(k)) & 1) == 0
-        base = np.zeros(nxt.shape[0])
-        for a in range(k):
-            base = np.where(covered[:, a], base + nxt[:, a], base)
         with np.errstate(invalid="ignore"):
-            deficit = np.where(covered & (self.best > nxt), self.best - nxt, 0.0)
-        deficit.sort(axis=1)  # ascending: the C++ suffix sum adds the smallest deficit first
-        suf = np.zeros(nxt.shape[0])
+            in_i = covered & (best > nxt)
+        settled = covered & ~in_i
+        rows = nxt.shape[0]
+        acc, accabs, mabsx = np.zeros(rows), np.zeros(rows), np.zeros(rows)
         for a in range(k):
-            suf = deficit[:, a] + suf
-        v = base + self.h[r - 1][u2]  # r < maxr here; h tables hold 0 at the empty set
-        status = np.full(nxt.shape[0], -1, dtype=np.int64)
-        status[v + suf < self.target] = 0
-        status[v >= self.target] = 1
+            mabsx = np.where(covered[:, a], mabsx, mabsx + float(self.mabs[a]))
+            acc = np.where(settled[:, a], acc + nxt[:, a], acc)
+            accabs = np.where(settled[:, a], accabs + np.abs(nxt[:, a]), accabs)
+        with np.errstate(invalid="ignore"):
+            key = np.where(in_i, best - nxt, -np.inf)
+        order = np.argsort(-key, axis=1, kind="stable")  # largest deficit first, ties by task index
+        sufs = []
+        for vals in (np.where(in_i, best, 0.0), np.where(in_i, nxt, 0.0), np.where(in_i, np.abs(best), 0.0)):
+            vals = np.take_along_axis(vals, order, axis=1)
+            suf = np.zeros(rows)
+            for j in range(k - 1, -1, -1):  # right to left, as the C++ suffix sums
+                suf = vals[:, j] + suf
+            sufs.append(suf)
+        sufbest, sufcur, sufbabs = sufs
+        s = acc + self.h[r - 1][u2]  # r < maxr here; h tables hold 0 at the empty set
+        target = self.theta - self.gamma * (self.big_a + (mabsx + (accabs + sufbabs)))
+        status = np.full(rows, -1, dtype=np.int64)
+        status[s + sufbest < target] = 0
+        status[s + sufcur >= target] = 1
         return status
 
     def _may_reach(self, c: np.ndarray, u: int, r: int) -> bool:
-        base = 0.0
+        acc = accabs = mabsx = 0.0
         defs: list[float] = []
         ords: list[int] = []
         for a in range(self.k):
             if (u >> a) & 1:
+                mabsx += float(self.mabs[a])
                 continue
-            ca = float(c[a])
-            base += ca
-            ba = float(self.best[a])
+            ca, ba = float(c[a]), float(self.best[a])
             if ba > ca:
                 defs.append(ba - ca)
                 ords.append(a)
+            else:
+                acc += ca
+                accabs += abs(ca)
         order = sorted(range(len(defs)), key=lambda i: -defs[i])  # stable: ties keep task order
-        defs = [defs[i] for i in order]
         ords = [ords[i] for i in order]
-        suf = [0.0] * (len(defs) + 1)
-        for i in range(len(defs) - 1, -1, -1):
-            suf[i] = defs[i] + suf[i + 1]
-        target = self.target
+        n = len(ords)
+        sufbest, sufcur, sufbabs = [0.0] * (n + 1), [0.0] * (n + 1), [0.0] * (n + 1)
+        for i in range(n - 1, -1, -1):
+            a = ords[i]
+            sufbest[i] = float(self.best[a]) + sufbest[i + 1]
+            sufcur[i] = float(c[a]) + sufcur[i + 1]
+            sufbabs[i] = abs(float(self.best[a])) + sufbabs[i + 1]
+        theta, gamma, big_a = self.theta, self.gamma, self.big_a
 
-        def esearch(i: int, x: int, acc: float) -> bool:
-            v = acc + self.hval(r, x)
-            if v >= target:
+        def esearch(i: int, x: int, acc: float, accabs: float, mabsx: float) -> bool:
+            s = acc + self.hval(r, x)
+            target = theta - gamma * (big_a + (mabsx + (accabs + sufbabs[i])))
+            if s + sufcur[i] >= target:
                 return True
-            if v + suf[i] < target:
+            if s + sufbest[i] < target:
                 return False
-            if i == len(ords):
+            if i == n:
                 return False
             a = ords[i]
-            if esearch(i + 1, x | (1 << a), acc - float(c[a])):
+            if esearch(i + 1, x | (1 << a), acc, accabs, mabsx + float(self.mabs[a])):
                 return True
-            return esearch(i + 1, x, acc)
+            ca = float(c[a])
+            return esearch(i + 1, x, acc + ca, accabs + abs(ca), mabsx)
 
-        return esearch(0, u, base)
+        return esearch(0, u, acc, accabs, mabsx)
 
 
 def _search_python(m: np.ndarray, budget: int, minimize: bool) -> tuple[float, list[int], int]:
