@@ -151,3 +151,24 @@ def test_paper_protocol_compares_alone_together_and_groups(tmp_path):
     pair_error = np.asarray(results["pair_error"])
     assert pair_error.shape == (3, 3) and ((0 <= pair_error) & (pair_error <= 1)).all()
     assert "HOA groups" in (tmp_path / "paper" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("kind", ["npz", "folder"])
+def test_run_on_the_users_own_data(kind, tmp_path):
+    g = np.random.default_rng(0)
+    x = (g.random((36, 3, 8, 8)) * 255).astype(np.uint8)
+    y = np.arange(36) % 3
+    if kind == "npz":
+        source = tmp_path / "data.npz"
+        np.savez(source, x=x, y=y)
+    else:
+        from PIL import Image
+
+        source = tmp_path / "images"
+        for i, (image, label) in enumerate(zip(x, y)):
+            (source / f"class{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.transpose(1, 2, 0)).save(source / f"class{label}" / f"{i}.png")
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *TINY, "--dataset", kind, "--data-dir", str(source)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert np.array(results["accuracy_matrices"][0]["matrix"]).shape == (4, 3)
