@@ -3,6 +3,12 @@
     augment (K views, one fused launch on CUDA) -> per-view forward -> per-task losses (K,)
     -> weighting -> backward -> optimizer step; every `affinity_every` steps the TAG affinity is
     measured, and its per-task gradients are reused as the training gradient (no second backward).
+
+Under torch.distributed (more than one rank) each rank steps on its shard of the global batch:
+the forward runs through DistributedDataParallel, which averages the gradients in the backward,
+and an affinity step averages the per-task gradients and lookahead losses (see
+`mtdl_fast.distributed`), so every rank takes the step a single process would take on the global
+batch (BatchNorm statistics stay per rank, as under DDP).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from torch.profiler import record_function
 import torch.nn.functional as F
 from torch import nn
 
+from mtdl_fast import distributed as dist_utils
 from mtdl_fast.affinity import AffinityTracker, _has_batch_norm
 from mtdl_fast.lookahead import LossFn
 from mtdl_fast.tasks import DistributionTasks
@@ -38,6 +45,9 @@ class MTDLEngine:
             Task Group Updates: groups stepped one after another on each batch, regrouped from
             proximal affinity after `stgu_warmup` steps; the weighting does not apply).
         stgu_warmup, stgu_decay: SelectiveGroupUpdates' warm-up iterations and EMA decay.
+        distributed: average gradients, losses and affinity over the ranks of torch.distributed's
+            default process group; None (default): when one of more than one rank is initialised.
+        ddp_kwargs: extra DistributedDataParallel arguments (e.g. {"bucket_cap_mb": 50}).
     """
 
     def __init__(
@@ -52,12 +62,14 @@ class MTDLEngine:
         affinity_every: int | None = 10,
         affinity_mode: str = "exact",
         affinity_lr: float | None = None,
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = "auto",
         decay: float | None = None,
         skip_nonfinite: bool = True,
         strategy: str = "joint",
         stgu_warmup: int = 100,
         stgu_decay: float = 1e-3,
+        distributed: bool | None = None,
+        ddp_kwargs: dict | None = None,
     ):
         from mtdl_fast.stgu import SelectiveGroupUpdates
         from mtdl_fast.weighting import Sum
@@ -76,11 +88,23 @@ class MTDLEngine:
         self.loss_fn = loss_fn
         self.affinity_every = affinity_every
         self.skip_nonfinite = skip_nonfinite
+        self.distributed = dist_utils.is_distributed() if distributed is None else bool(distributed)
+        if self.distributed and strategy == "stgu":
+            raise ValueError("strategy='stgu' runs in one process; use strategy='joint' under torch.distributed")
+        self._loss_module = _StepLoss(trunk, heads, self.weighting, loss_fn)
+        self._forward: nn.Module = self._loss_module
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = next(trunk.parameters()).device
+            ids = [device.index] if device.type == "cuda" else None
+            self._forward = DistributedDataParallel(self._loss_module, device_ids=ids, **(ddp_kwargs or {}))
         self.tracker = None
         if affinity_every is not None:
             self.tracker = AffinityTracker(
                 trunk, heads, lr=affinity_lr, mode=affinity_mode,
                 optimizer=optimizer if affinity_lr is None else None, chunk_size=chunk_size, decay=decay,
+                distributed=self.distributed,
             )
         self.stgu = None
         if strategy == "stgu":
@@ -96,14 +120,9 @@ class MTDLEngine:
 
     def task_losses(self, views: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K,) losses, head k on trunk(views[k]), each view its own forward (with autograd), and
-        the detached trunk features (K, B, D) (SVD reweighting reads them)."""
-        per_task = targets.ndim >= 2 and targets.shape[0] == len(self.heads)
-        losses, features = [], []
-        for k, head in enumerate(self.heads):
-            feats = self.trunk(views[k])
-            losses.append(self.loss_fn(head(feats), targets[k] if per_task else targets))
-            features.append(feats.detach().flatten(1))
-        return torch.stack(losses), torch.stack(features)
+        the detached trunk features (K, B, D) (SVD reweighting reads them). This process's
+        shard only: no gradient or loss is averaged over ranks here."""
+        return self._loss_module.task_losses(views, targets)
 
     def track_now(self) -> bool:
         """Whether the next `step` measures affinity."""
@@ -137,18 +156,23 @@ class MTDLEngine:
         with record_function("affinity"):
             z = self.tracker.step(views, targets, self.loss_fn) if track else None
         with record_function("forward"):
-            losses, features = self.task_losses(views, targets)
-            total = self.weighting(losses, features=features, targets=targets)
-        skipped = self._skip(total)
+            total, losses, _ = self._forward(views, targets)
+        # The global batch's losses: the same on every rank, so every rank skips (or not) alike
+        # and stateful weightings see the same values.
+        seen = torch.cat([total.detach().reshape(1), losses.detach()])
+        if self.distributed:
+            dist_utils.all_reduce_mean_([seen])
+        seen_total, seen_losses = seen[0], seen[1:]
+        skipped = self._skip(seen_total)
         if not skipped:
             self.optimizer.zero_grad(set_to_none=True)
             with record_function("backward"):
                 total.backward()
             with record_function("optimizer"):
                 self.optimizer.step()
-            self.weighting.step_end(losses.detach())
+            self.weighting.step_end(seen_losses)
         weights = self.weighting.last_weights  # the weights this step used (a sampler draws once)
-        return total.detach(), {"losses": losses.detach(), "weights": weights, "affinity": z, "skipped": skipped}
+        return seen_total, {"losses": seen_losses, "weights": weights, "affinity": z, "skipped": skipped}
 
     def _tracked_step(self, views: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Affinity step whose per-task gradients also train: tracker, then sum_k w_k g_k."""
@@ -213,3 +237,27 @@ class MTDLEngine:
             self.stgu.load_state_dict(state["stgu"])
         self.step_count = int(state["step_count"])
         self.skipped_steps = int(state["skipped_steps"])
+
+
+class _StepLoss(nn.Module):
+    """Trunk, heads and weighting as one module returning (total, losses (K,), features), so that
+    DistributedDataParallel sees every trainable parameter of a step in one forward and averages
+    all their gradients in its one backward."""
+
+    def __init__(self, trunk: nn.Module, heads: nn.ModuleList, weighting: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.trunk, self.heads, self.weighting = trunk, heads, weighting
+        self.loss_fn = loss_fn
+
+    def task_losses(self, views: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        per_task = targets.ndim >= 2 and targets.shape[0] == len(self.heads)
+        losses, features = [], []
+        for k, head in enumerate(self.heads):
+            feats = self.trunk(views[k])
+            losses.append(self.loss_fn(head(feats), targets[k] if per_task else targets))
+            features.append(feats.detach().flatten(1))
+        return torch.stack(losses), torch.stack(features)
+
+    def forward(self, views: torch.Tensor, targets: torch.Tensor):
+        losses, features = self.task_losses(views, targets)
+        return self.weighting(losses, features=features, targets=targets), losses, features

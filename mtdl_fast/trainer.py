@@ -4,6 +4,11 @@
 results.json, report.md, PNG plots, checkpoint.pt) and returns the results. Batches are drawn
 deterministically from (seed, step), and the engine's state holds every RNG, so a run resumed from
 a checkpoint reaches the same final metrics and affinity as an uninterrupted one.
+
+Launched by torchrun, every rank runs this same code on its slice of each global batch
+(`batch_size` is the global batch, split evenly over the ranks): DistributedDataParallel averages
+the gradients, affinity statistics are the global batch's on every rank, rank 0 selects the
+groups and broadcasts them, and only rank 0 writes files and shows progress.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mtdl_fast import distributed as dist_utils
 from mtdl_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mtdl_fast.engine import MTDLEngine
 from mtdl_fast.tasks import DEFAULT_TASKS, DistributionTasks
@@ -150,7 +156,7 @@ def build_engine(config: RunConfig, task_names: Sequence[str], data: Dataset, de
     weighting = make_weighting(config.weighting, len(task_names)).to(device)
     params = [*model.parameters(), *weighting.parameters()]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
-    tasks = DistributionTasks(list(task_names), seed=config.seed)
+    tasks = DistributionTasks(list(task_names), seed=dist_utils.rank_seed(config.seed))
     return MTDLEngine(tasks, model.trunk, model.heads, optimizer, weighting=weighting,
                       affinity_every=config.affinity_every if len(task_names) > 1 else None,
                       affinity_mode=config.affinity_mode, strategy=config.strategy,
@@ -176,22 +182,26 @@ def train(
     """Run the engine from `start_step` to the configured number of steps.
 
     Writes metrics rows (and checkpoints every `checkpoint_every` steps and on Ctrl-C) into
-    out_dir when given. Returns the metrics rows of this call.
+    out_dir when given (rank 0 only; checkpoints hold every rank's augmentation stream). Each
+    rank steps on its slice of the global batch. Returns the metrics rows of this call.
     """
     steps = total_steps(config, data)
+    shard = dist_utils.check_divisible(config.batch_size)
+    first = dist_utils.rank() * shard
+    main = dist_utils.is_main()
     rows: list[dict] = []
-    metrics_file = (out_dir / "metrics.jsonl").open("a") if out_dir is not None else None
+    metrics_file = (out_dir / "metrics.jsonl").open("a") if out_dir is not None and main else None
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=label, unit="step",
-               disable=None, leave=False)
+               disable=None if main else True, leave=False)
     step = start_step
     try:
         for step in bar:
-            idx = batch_indices(data.x_train.shape[0], config.batch_size, step, config.seed)
+            idx = batch_indices(data.x_train.shape[0], config.batch_size, step, config.seed)[first : first + shard]
             x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
             t0 = time.perf_counter()
             loss, info = engine.step(x, y)
             loss_value = float(loss)
-            rate = x.shape[0] / max(time.perf_counter() - t0, 1e-9)
+            rate = x.shape[0] * dist_utils.world_size() / max(time.perf_counter() - t0, 1e-9)
             row = {"step": step + 1, "loss": loss_value, "losses": [float(v) for v in info["losses"]],
                    "images_per_s": rate, "affinity_step": info["affinity"] is not None,
                    "skipped": bool(info["skipped"])}
@@ -199,11 +209,14 @@ def train(
             bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:,.0f}")
             if metrics_file is not None:
                 metrics_file.write(json.dumps(row) + "\n")
-                if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+            if out_dir is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
+                if metrics_file is not None:
                     metrics_file.flush()
-                    save_run_checkpoint(out_dir / "checkpoint.pt", config, engine, step + 1)
+                save_run_checkpoint(out_dir / "checkpoint.pt", config, engine, step + 1)
     except KeyboardInterrupt:
-        if out_dir is not None:
+        # Under torch.distributed the ranks may stop at different steps: a checkpoint needs all
+        # of them, so the last periodic one stands.
+        if out_dir is not None and not dist_utils.is_distributed():
             metrics_file.flush()
             save_run_checkpoint(out_dir / "checkpoint.pt", config, engine, len(rows) + start_step)
         raise
@@ -215,8 +228,27 @@ def train(
 
 
 def save_run_checkpoint(path: Path, config: RunConfig, engine: MTDLEngine, step: int) -> None:
-    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "step": step,
-                           "engine": engine.state_dict()})
+    """Rank 0 writes the engine's state and every rank's augmentation stream (a collective: every
+    rank calls it)."""
+    streams = dist_utils.gather_objects(engine.tasks.state_dict())
+    if dist_utils.is_main():
+        save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "step": step,
+                               "engine": engine.state_dict(), "world_size": len(streams), "tasks_by_rank": streams})
+
+
+def load_run_checkpoint(path: str | Path, config: RunConfig, engine: MTDLEngine) -> int:
+    """Load a `mtdl-fast run` checkpoint into `engine` (this rank's augmentation stream
+    included); returns the step it was written at. CheckpointError when it does not fit."""
+    state = load_checkpoint(path)
+    _check_resume(state, config, Path(path))
+    world = int(state.get("world_size", 1))
+    if world != dist_utils.world_size():
+        raise CheckpointError(f"{path} was written by {world} process(es); resume it with {world}, "
+                              f"not {dist_utils.world_size()}, to continue the same augmentation streams")
+    engine.load_state_dict(state["engine"])
+    if "tasks_by_rank" in state:
+        engine.tasks.load_state_dict(state["tasks_by_rank"][dist_utils.rank()])
+    return int(state["step"])
 
 
 @torch.no_grad()
@@ -290,33 +322,42 @@ def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None
     from mtdl_fast.reports import write_report
 
     config.validate()
-    device = resolve_device(config.device)
+    device = dist_utils.init_from_env(resolve_device(config.device))
+    main = dist_utils.is_main()
     data = load_dataset(config)
+    if dist_utils.is_distributed() and data.x_train.shape[0] < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {data.x_train.shape[0]} training images")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     names = list(config.tasks)
     engine = build_engine(config, names, data, device)
     start = 0
     if resume is not None:
-        state = load_checkpoint(resume)
-        _check_resume(state, config, Path(resume))
-        engine.load_state_dict(state["engine"])
-        start = int(state["step"])
-        kept = _read_metrics(out / "metrics.jsonl", upto=start)
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        start = load_run_checkpoint(resume, config, engine)
+        if main:
+            kept = _read_metrics(out / "metrics.jsonl", upto=start)
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     began = time.perf_counter()
     train(config, engine, data, device, out_dir=out, start_step=start, label="all tasks")
-    metrics = _read_metrics(out / "metrics.jsonl")
     affinity = engine.tracker.affinity.cpu().numpy() if engine.tracker is not None else np.zeros((1, 1))
-    np.save(out / "affinity.npy", affinity)
-    np.savetxt(out / "affinity.csv", affinity, delimiter=",", header=",".join(names), comments="")
-    grouping = select_groups(np.nan_to_num(affinity), budget=min(config.budget, len(names)), names=names)
+    grouping = dist_utils.broadcast_object(
+        select_groups(np.nan_to_num(affinity), budget=min(config.budget, len(names)), names=names) if main else None
+    )
     group_record = {"groups": grouping.groups, "serving": list(grouping.serving), "score": float(grouping.score),
                     "method": "tag", "names": names}
-    (out / "groups.json").write_text(json.dumps(group_record, indent=2) + "\n")
     x_eval, y_eval = data.x_test[: config.eval_size].to(device), data.y_test[: config.eval_size].to(device)
     acc = evaluate(engine, names, names, x_eval, y_eval, config.seed)
+    paper = paper_protocol(config, names, data, device, acc[-1], grouping, x_eval, y_eval) \
+        if config.protocol == "paper" else None
+    if not main:
+        return dist_utils.broadcast_object(None)
+    metrics = _read_metrics(out / "metrics.jsonl")
+    np.save(out / "affinity.npy", affinity)
+    np.savetxt(out / "affinity.csv", affinity, delimiter=",", header=",".join(names), comments="")
+    (out / "groups.json").write_text(json.dumps(group_record, indent=2) + "\n")
     if engine.stgu is not None:
         (out / "stgu.json").write_text(json.dumps({"groups": engine.stgu.groups, "names": names}, indent=2) + "\n")
     results = {
@@ -330,8 +371,7 @@ def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None
         "metrics": metrics,
         "skipped_steps": engine.skipped_steps,
     }
-    if config.protocol == "paper":
-        paper = paper_protocol(config, names, data, device, acc[-1], grouping, x_eval, y_eval)
+    if paper is not None:
         results["accuracy_matrices"].append(paper.pop("shift"))
         results.update(paper)
     recent = [r["images_per_s"] for r in metrics[-50:]]
@@ -339,7 +379,7 @@ def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None
     results["timing"] = {"seconds": time.perf_counter() - began}
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
     write_report(out, results)
-    return results
+    return dist_utils.broadcast_object(results)
 
 
 def paper_protocol(config, names, data, device, together_acc, grouping, x_eval, y_eval) -> dict:
