@@ -21,6 +21,7 @@ from torch import nn
 from torch.profiler import record_function
 from torch.func import functional_call, grad_and_value, replace_all_batch_norm_modules_, stack_module_state, vmap
 
+from mtdl_fast import distributed as dist_utils
 from mtdl_fast import reductions
 from mtdl_fast.lookahead import LossFn, check_optimizer, naive_affinity, preview_update
 
@@ -98,11 +99,21 @@ class AffinityTracker:
         every: compute on every `every`-th call of `step` (others return None).
         optimizer: preview this SGD/Adam/AdamW optimizer's real update (momentum, weight decay,
             moment estimates) without changing its state.
-        chunk_size: lookahead sources evaluated in one batched call; 1 (default): one source at a
-            time, its K target views batched (fastest measured, least memory); None: all K at once.
+        chunk_size: lookahead sources evaluated in one batched call. "auto" (default): from the
+            memory budget -- on the CPU one source at a time with its K target views batched (the
+            fastest measured there), on CUDA as many sources as fit, fewer target views per call
+            when even one source does not; an int: that many sources; None: all K at once.
+            Whatever the choice, an out-of-memory error halves the work per call and retries
+            (and the per-task gradients' batch over tasks likewise); the smaller size is kept.
+        memory_budget: bytes a lookahead call may use for activations, the "auto" chunk's bound;
+            default: half the device's free memory on CUDA, unbounded on the CPU.
         decay: EMA decay of the running affinity; None: the running mean over steps.
         fused_ce: fuse the heads' final Linear with cross-entropy in a Triton kernel (default: on
             CUDA when the heads end in nn.Linear and loss_fn is cross_entropy).
+        distributed: each rank passes its shard of the batch; the per-task gradients, base losses
+            and lookahead losses are averaged over the ranks of torch.distributed's default group,
+            so every rank measures the global batch's Z (loss_fn must be a mean and the shards of
+            equal size). None (default): when one of more than one rank is initialised.
     """
 
     def __init__(
@@ -113,9 +124,11 @@ class AffinityTracker:
         mode: str = "exact",
         every: int = 1,
         optimizer: torch.optim.Optimizer | None = None,
-        chunk_size: int | None = 1,
+        chunk_size: int | str | None = "auto",
         decay: float | None = None,
         fused_ce: bool | None = None,
+        distributed: bool | None = None,
+        memory_budget: int | None = None,
     ):
         if not isinstance(shared, nn.Module):
             raise ValueError(f"shared must be an nn.Module, got {type(shared).__name__}")
@@ -135,20 +148,30 @@ class AffinityTracker:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if chunk_size not in (None, "auto") and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int, 'auto' or None, got {chunk_size!r}")
+        if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 1):
+            raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
         if decay is not None and not 0 < decay < 1:
             raise ValueError(f"decay must be in (0, 1) or None, got {decay}")
         check_optimizer(optimizer)
         self.shared, self.heads = shared, heads
         self.lr, self.mode, self.every = lr, mode, every
         self.optimizer, self.chunk_size, self.decay = optimizer, chunk_size, decay
+        self.memory_budget = memory_budget
         self.fused_ce = fused_ce
+        # Work per batched call, chosen at the first exact step and halved on out-of-memory:
+        # (source, target) lookahead evaluations, and tasks per vmap(grad) call (None: all K).
+        self.pairs_per_call: int | None = None
+        self.grad_chunk: int | None = None
         self.num_tasks = len(heads)
         self._calls = 0
         self._attempted = 0
         self._functional: _Functional | None = None
         self._homogeneous = _same_architecture(heads)
+        self.distributed = dist_utils.is_distributed() if distributed is None else bool(distributed)
+        if self.distributed and not self._homogeneous:
+            raise ValueError("distributed affinity needs heads of one architecture (the batched path)")
         if not self._homogeneous:
             warnings.warn("heads differ in architecture: AffinityTracker falls back to the plain loop", stacklevel=2)
         self.last_losses: torch.Tensor | None = None
@@ -268,7 +291,9 @@ class AffinityTracker:
         head = fm.head(self.heads[0].training)
         consts = fm.constants(trunk)
         head_params, head_buffers = stack_module_state(self.heads)
-        head_params = {n: p for n, p in head_params.items() if n in fm.head_trainable}
+        # Detached: stack_module_state's leaves require grad, which would keep an outer autograd
+        # graph (and its activations) alive behind every per-task gradient.
+        head_params = {n: p.detach() for n, p in head_params.items() if n in fm.head_trainable}
         # Buffers are constants (never differentiated: BatchNorm's step counter is an integer);
         # a batch-statistics head copy has no running statistics, so keep only what it holds.
         called = {n for n, _ in head.named_buffers()}
@@ -280,11 +305,24 @@ class AffinityTracker:
             out = functional_call(head, {**hb_, **hp_}, (functional_call(trunk, {**consts, **sp_}, (x,)),))
             return loss_fn(out, y)
 
-        y_dim = 0 if per_task else None
-        grads, losses = vmap(
-            grad_and_value(loss, argnums=(0, 1)), in_dims=(None, 0, 0, 0, y_dim), randomness="different"
-        )(sp, head_params, head_buffers, views, targets)
-        return fm, trunk, head, consts, sp, head_state, grads, losses.detach()
+        in_dims = (None, 0, 0, 0, 0 if per_task else None)
+        args = (sp, head_params, head_buffers, views, targets)
+
+        def run(chunk: int) -> tuple:
+            self.grad_chunk = chunk
+            return self._task_grad_call(grad_and_value(loss, argnums=(0, 1)), in_dims, chunk, args)
+
+        grads, losses = _halving_on_oom(run, self.grad_chunk or self.num_tasks, "tasks per gradient call",
+                                        views.device)
+        losses = losses.detach()
+        if self.distributed:
+            dist_utils.all_reduce_mean_([*grads[0].values(), *grads[1].values(), losses])
+        return fm, trunk, head, consts, sp, head_state, grads, losses
+
+    def _task_grad_call(self, fn, in_dims: tuple, chunk: int, args: tuple):
+        """vmap(fn) over the tasks, `chunk` tasks per call: the unit an out-of-memory retry halves."""
+        size = None if chunk >= self.num_tasks else chunk
+        return vmap(fn, in_dims=in_dims, chunk_size=size, randomness="different")(*args)
 
     def _exact(self, views, targets, per_task, loss_fn):
         fm, trunk, head, consts, sp, head_state, grads, base = self._task_grads(views, targets, per_task, loss_fn)
@@ -296,6 +334,8 @@ class AffinityTracker:
         sources = dict(zip(names, new))
         y_dim = 0 if per_task else None
         with torch.no_grad(), record_function("lookahead"):
+            if self.pairs_per_call is None:
+                self.pairs_per_call = self._initial_pairs(fm, trunk, head, consts, sp, head_state, views)
             if self._use_fused_ce(fm, views, loss_fn):
                 lookahead = self._lookahead_fused(fm, trunk, consts, sources, head_state, views, targets, per_task)
             else:
@@ -305,22 +345,62 @@ class AffinityTracker:
                     return loss_fn(out, y)
 
                 on_targets = vmap(loss, in_dims=(None, 0, 0, y_dim), randomness="different")
-                lookahead = self._over_sources(on_targets, sources, head_state, views, targets)
+                lookahead = self._over_sources(on_targets, sources, (head_state, views, targets), (0, 0, y_dim))
+            if self.distributed:
+                dist_utils.all_reduce_mean_([lookahead])
         return base.to(torch.float64), lookahead.to(torch.float64)
 
-    def _over_sources(self, on_targets, sources: dict[str, torch.Tensor], *args) -> torch.Tensor:
-        """on_targets(params_i, *args) for every lookahead source i, stacked on dim 0.
+    def _over_sources(self, on_targets, sources: dict[str, torch.Tensor], args: tuple, target_dims: tuple):
+        """on_targets(params_i, *args) for every lookahead source i, stacked on dim 0; args are
+        batched over the K targets along `target_dims` (None: shared by every target).
 
-        With chunk_size 1 (the default) the sources run one after another, and inside each call
-        the K target views are batched with *unbatched* weights: every layer folds the views into
-        one K*B batch (one large convolution). Batching the sources too (chunk_size > 1) makes the
-        weights batched, i.e. grouped convolutions: measured 3x slower on CPU at K=10.
+        `pairs_per_call` (source, target) evaluations per call; an out-of-memory error halves it."""
+
+        def run(pairs: int) -> torch.Tensor:
+            self.pairs_per_call = pairs
+            return self._lookahead_blocks(on_targets, sources, args, target_dims, pairs)
+
+        device = next(iter(sources.values())).device
+        return _halving_on_oom(run, self.pairs_per_call, "lookahead (source, target) pairs per call", device)
+
+    def _lookahead_blocks(self, on_targets, sources, args: tuple, target_dims: tuple, pairs: int) -> torch.Tensor:
+        """The lookahead losses with `pairs` (source, target) evaluations per batched call.
+
+        With fewer than 2K pairs the sources run one after another, and inside each call the
+        target views (all K, or blocks of `pairs`) are batched with *unbatched* weights: every
+        layer folds the views into one large batch (one large convolution). Batching the sources
+        too makes the weights batched, i.e. grouped convolutions: measured 3x slower on the CPU
+        at K=10, hence "auto" keeps one source per call there.
         """
-        chunk = self.chunk_size or self.num_tasks
-        if chunk == 1:
-            return torch.stack([on_targets({n: t[i] for n, t in sources.items()}, *args) for i in range(self.num_tasks)])
-        in_dims = (0,) + (None,) * len(args)
-        return vmap(on_targets, in_dims=in_dims, chunk_size=chunk, randomness="different")(sources, *args)
+        k = self.num_tasks
+        sources_per_call = min(k, pairs // k)
+        if sources_per_call > 1:
+            in_dims = (0,) + (None,) * len(args)
+            size = None if sources_per_call == k else sources_per_call
+            return vmap(on_targets, in_dims=in_dims, chunk_size=size, randomness="different")(sources, *args)
+        block = min(k, pairs)
+        rows = []
+        for i in range(k):
+            params = {n: t[i] for n, t in sources.items()}
+            parts = [on_targets(params, *(_take(a, d, slice(j, j + block)) for a, d in zip(args, target_dims)))
+                     for j in range(0, k, block)]
+            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+        return torch.stack(rows)
+
+    def _initial_pairs(self, fm, trunk, head, consts, sp, head_state, views) -> int:
+        """(source, target) pairs per lookahead call before any out-of-memory retry."""
+        k = self.num_tasks
+        if self.chunk_size is None or isinstance(self.chunk_size, int):
+            return k * (self.chunk_size or k)
+        preferred = k * k if views.is_cuda else k  # see _lookahead_blocks: one source per call on the CPU
+        budget = self.memory_budget
+        if budget is None and views.is_cuda:
+            budget = torch.cuda.mem_get_info(views.device)[0] // 2
+        if budget is None:
+            return preferred
+        per_pair = _activation_bytes(fm, trunk, head, consts, sp, head_state, views[0])
+        per_pair += sum(t.nbytes for t in sp.values()) // k  # a batched source's own weights
+        return int(min(preferred, max(1, budget // max(per_pair, 1))))
 
     def _use_fused_ce(self, fm: _Functional, views: torch.Tensor, loss_fn: LossFn) -> bool:
         applicable = fm.final_prefix is not None and loss_fn is F.cross_entropy
@@ -341,7 +421,7 @@ class AffinityTracker:
             return functional_call(fm.head_body, hp_, (f,)) if fm.head_body is not None else f
 
         on_targets = vmap(features, in_dims=(None, 0, 0), randomness="different")
-        feats = self._over_sources(on_targets, sources, body_state, views)
+        feats = self._over_sources(on_targets, sources, (body_state, views), (0, 0))
         weight = head_state[f"{prefix}weight"]
         bias = head_state.get(f"{prefix}bias")
         tgt = targets if per_task else targets.expand(self.num_tasks, *targets.shape)
@@ -377,6 +457,62 @@ class AffinityTracker:
             for name, p in head.named_parameters():
                 if name in self.last_task_grads["heads"]:
                     _add_grad(p, w[k].to(p.dtype) * self.last_task_grads["heads"][name][k])
+
+
+def _take(arg, dim: int | None, block: slice):
+    """Targets `block` of a per-target argument (a tensor or a dict of tensors batched on dim 0)."""
+    if dim is None:
+        return arg
+    if isinstance(arg, dict):
+        return {n: t[block] for n, t in arg.items()}
+    return arg[block]
+
+
+def _activation_bytes(fm: _Functional, trunk, head, consts, sp, head_state, view: torch.Tensor) -> int:
+    """Bytes of every layer's output for one target view (B images) through trunk and head: an
+    upper bound on what a no-grad forward holds at once, as the memory of one (source, target)."""
+    total = view.nbytes
+
+    def count(module, inputs, output):
+        nonlocal total
+        total += sum(t.nbytes for t in (output if isinstance(output, (tuple, list)) else [output])
+                     if isinstance(t, torch.Tensor))
+
+    leaves = [m for m in (*trunk.modules(), *head.modules()) if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        one_head = {n: t[0] for n, t in head_state.items()}
+        functional_call(head, one_head, (functional_call(trunk, {**consts, **sp}, (view,)),))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _halving_on_oom(run, size: int, what: str, device: torch.device):
+    """run(size), halving `size` after each out-of-memory error down to 1, then a clear error."""
+    while True:
+        try:
+            return run(size)
+        except RuntimeError as err:
+            if not _is_out_of_memory(err):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if size <= 1:
+                raise torch.OutOfMemoryError(
+                    f"AffinityTracker: out of memory with 1 {what}; use a smaller batch or model ({err})"
+                ) from err
+            warnings.warn(f"AffinityTracker: out of memory with {size} {what}; retrying with {size // 2}",
+                          stacklevel=3)
+            size //= 2
 
 
 def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:

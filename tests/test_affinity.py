@@ -119,12 +119,87 @@ def test_tracker_leaves_parameters_buffers_and_grads_untouched():
     assert all(torch.equal(p.grad, g) for p, g in zip(list(trunk.parameters()) + list(heads.parameters()), grads))
 
 
-def test_chunking_does_not_change_the_result():
+@pytest.mark.parametrize("chunk_size, budget, pairs", [
+    (None, None, K * K), (2, None, 2 * K), (1, None, K),
+    ("auto", None, K),   # CPU: one source per call, its K targets batched
+    ("auto", 10**12, K),  # a budget only lowers the preferred size
+    ("auto", 1, 1),      # nothing fits: one (source, target) per call
+])
+def test_chunking_and_memory_budget_do_not_change_the_result(chunk_size, budget, pairs):
     trunk, heads, views = conv_bn_model()
     y = labels(True)
-    whole = AffinityTracker(trunk, heads, lr=0.2).step(views, y)
-    chunked = AffinityTracker(trunk, heads, lr=0.2, chunk_size=1).step(views, y)
-    assert torch.allclose(whole, chunked, atol=1e-12, rtol=0)
+    want, _, _ = naive_affinity(trunk, heads, views, y, lr=0.2)
+    tracker = AffinityTracker(trunk, heads, lr=0.2, chunk_size=chunk_size, memory_budget=budget)
+    got = tracker.step(views, y)
+    assert tracker.pairs_per_call == pairs
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_ragged_target_blocks():
+    trunk, heads, views = conv_bn_model()
+    y = labels(False)
+    want, _, _ = naive_affinity(trunk, heads, views, y, lr=0.2)
+    tracker = AffinityTracker(trunk, heads, lr=0.2)
+    tracker.pairs_per_call = 2  # targets in blocks [0, 1], [2]
+    assert torch.allclose(tracker.step(views, y), want, atol=1e-6, rtol=0)
+
+
+def test_out_of_memory_halves_the_work_and_retries(monkeypatch):
+    trunk, heads, views = conv_bn_model()
+    y = labels(True)
+    want, _, _ = naive_affinity(trunk, heads, views, y, lr=0.2)
+    lookahead_calls, grad_calls = [], []
+    real_blocks, real_grads = AffinityTracker._lookahead_blocks, AffinityTracker._task_grad_call
+
+    def blocks(self, on_targets, sources, args, dims, pairs):
+        lookahead_calls.append(pairs)
+        if pairs > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_blocks(self, on_targets, sources, args, dims, pairs)
+
+    def grads(self, fn, in_dims, chunk, args):
+        grad_calls.append(chunk)
+        if chunk > 1:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        return real_grads(self, fn, in_dims, chunk, args)
+
+    monkeypatch.setattr(AffinityTracker, "_lookahead_blocks", blocks)
+    monkeypatch.setattr(AffinityTracker, "_task_grad_call", grads)
+    tracker = AffinityTracker(trunk, heads, lr=0.2, chunk_size=None)
+    with pytest.warns(UserWarning, match="out of memory"):
+        got = tracker.step(views, y)
+    assert lookahead_calls == [K * K, K * K // 2, 2] and grad_calls == [K, 1]
+    assert (tracker.pairs_per_call, tracker.grad_chunk) == (2, 1)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    lookahead_calls.clear(), grad_calls.clear()
+    tracker.step(views, y)  # later steps start from the sizes that fitted
+    assert lookahead_calls == [2] and grad_calls == [1]
+
+
+def test_out_of_memory_at_the_smallest_size_is_a_clear_error(monkeypatch):
+    trunk, heads, views = mlp_model()
+
+    def blocks(self, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(AffinityTracker, "_lookahead_blocks", blocks)
+    tracker = AffinityTracker(trunk, heads, lr=0.2, memory_budget=1)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory with 1 lookahead"):
+        tracker.step(views, labels(False))
+
+
+def test_other_errors_are_not_retried(monkeypatch):
+    trunk, heads, views = mlp_model()
+    calls = []
+
+    def blocks(self, *args):
+        calls.append(1)
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(AffinityTracker, "_lookahead_blocks", blocks)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        AffinityTracker(trunk, heads, lr=0.2, chunk_size=None).step(views, labels(False))
+    assert calls == [1]
 
 
 def test_first_order_is_the_gradient_gram_estimate():
@@ -221,13 +296,15 @@ def test_heterogeneous_heads_fall_back_to_the_loop():
     assert torch.allclose(tracker.step(views, y), naive_affinity(trunk, mixed, views, y, lr=0.2)[0], atol=1e-12)
 
 
-def test_fused_cross_entropy_path_equals_generic():
+@pytest.mark.parametrize("pairs", [K, 2, K * K])  # whole target batches, ragged blocks, sources batched
+def test_fused_cross_entropy_path_equals_generic(pairs):
     trunk, heads, views = conv_bn_model()
     trunk, heads, views = trunk.float(), heads.float(), views.float()
     y = labels(True)
     generic = AffinityTracker(trunk, heads, lr=0.2, fused_ce=False).step(views, y)
-    fused = AffinityTracker(trunk, heads, lr=0.2, fused_ce=True).step(views, y)
-    assert torch.allclose(generic, fused, atol=1e-5, rtol=0)
+    tracker = AffinityTracker(trunk, heads, lr=0.2, fused_ce=True)
+    tracker.pairs_per_call = pairs
+    assert torch.allclose(generic, tracker.step(views, y), atol=1e-5, rtol=0)
 
 
 def test_bad_input_is_named():
@@ -245,6 +322,10 @@ def test_bad_input_is_named():
         AffinityTracker(trunk, heads, lr=0.1, decay=1.5)
     with pytest.raises(ValueError, match="optimizer"):
         AffinityTracker(trunk, heads, optimizer=torch.optim.RMSprop(trunk.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="chunk_size must .* got 'big'"):
+        AffinityTracker(trunk, heads, lr=0.1, chunk_size="big")
+    with pytest.raises(ValueError, match="memory_budget .* got 0"):
+        AffinityTracker(trunk, heads, lr=0.1, memory_budget=0)
     tracker = AffinityTracker(trunk, heads, lr=0.1)
     with pytest.raises(ValueError, match="K=2"):
         tracker.step(views[:2], y)
