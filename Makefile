@@ -27,8 +27,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The whole benchmark suite on this machine's GPU (else its CPU): benchmarks/results/<device>.json,
+# tables, plots, and README.md's performance section regenerated from every results file. Pass
+# options through BENCH_ARGS, e.g. `make bench BENCH_ARGS="--only step --threads 2"`.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_augment.py
+	$(PY) -m mtdl_fast bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info mtdl_fast/_C*.so

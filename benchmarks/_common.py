@@ -51,6 +51,19 @@ SPEC_PEAK_GBPS: list[tuple[tuple[str, ...], float, str]] = [
 ]
 
 
+# Published dense peaks in TFLOP/s (fp32 without tensor cores, tf32 and bf16 tensor cores, no
+# sparsity), matched like SPEC_PEAK_GBPS (the same table as bench_affinity.SPEC_PEAK_TFLOPS). cuDNN convolutions run in TF32 under torch's defaults
+# (torch.backends.cudnn.allow_tf32), float32 matmuls do not (torch.backends.cuda.matmul.allow_tf32).
+SPEC_PEAK_TFLOPS: list[tuple[tuple[str, ...], dict[str, float], str]] = [
+    (("gh200",), {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}, "GH200 (H100 SXM compute)"),
+    (("h200",), {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}, "H200 SXM"),
+    (("h100", "nvl"), {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5}, "H100 NVL"),
+    (("h100", "pcie"), {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0}, "H100 PCIe"),
+    (("h100",), {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}, "H100 SXM"),
+    (("a100",), {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}, "A100"),
+]
+
+
 # ----------------------------------------------------------------------------------------------
 # Device description
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +137,15 @@ def spec_peak_gbps(name: str) -> tuple[float | None, str | None]:
     for keys, gbps, desc in SPEC_PEAK_GBPS:
         if all(k in low for k in keys):
             return gbps, desc
+    return None, None
+
+
+def spec_peak_tflops(name: str) -> tuple[dict[str, float] | None, str | None]:
+    """Published dense peaks (TFLOP/s by dtype, description) for a GPU name, or (None, None)."""
+    low = name.lower()
+    for keys, peaks, desc in SPEC_PEAK_TFLOPS:
+        if all(k in low for k in keys):
+            return dict(peaks), desc
     return None, None
 
 
@@ -268,9 +290,54 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None, budget_
     return 2 * nbytes / res["median_s"] / 1e9
 
 
+def matmul_tflops(device: torch.device, n: int | None = None, budget_s: float = 0.5) -> dict[str, Any]:
+    """Measured float32 matmul rate: ``torch.mm`` of two n x n matrices (2 n^3 FLOPs), median.
+
+    The practical compute ceiling where no published peak exists (CPUs): it runs with the current
+    ``torch.get_num_threads()`` and, on CUDA, torch's current TF32 setting for matmuls (recorded).
+    Default n: 1024 on the CPU, 8192 on CUDA.
+    """
+    if n is None:
+        n = 8192 if device.type == "cuda" else 1024
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device)
+    b = torch.randn(n, n, generator=gen).to(device)
+    out = torch.empty(n, n, device=device)
+    res = time_fn(lambda: torch.mm(a, b, out=out), device, budget_s=budget_s, min_repeats=3, max_repeats=50,
+                  warmup=2)
+    del a, b, out
+    info: dict[str, Any] = {"TFLOPs": 2 * n**3 / res["median_s"] / 1e12, "n": n, "dtype": "float32",
+                            "median_s": res["median_s"], "repeats": res["repeats"],
+                            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                            "method": f"torch.mm {n}x{n} float32, median of {res['repeats']} ({res['method']})"}
+    if device.type == "cuda":
+        info["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        torch.cuda.empty_cache()
+    return info
+
+
 # ----------------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------------
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """How this process was started, for the record: ``python benchmarks/bench_x.py --flag`` for a
+    script (path relative to the repository when inside it), else the program name and arguments."""
+    import shlex
+
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return "python"
+    prog, rest = argv[0], argv[1:]
+    if prog.endswith(".py"):
+        path = Path(prog).resolve()
+        try:
+            prog = str(path.relative_to(RESULTS_DIR.parent.parent))
+        except ValueError:
+            prog = str(path)
+        return "python " + shlex.join([prog, *rest])
+    return shlex.join([Path(prog).name, *rest])
+
 
 def result_path(device: torch.device, results_dir: Path | str | None = None) -> Path:
     """``benchmarks/results/<device-slug>.json``."""
@@ -294,7 +361,9 @@ def _jsonable(obj: Any) -> Any:
 def merge_results(path: Path | str, key: str, section: dict[str, Any]) -> Path:
     """Write ``section`` under ``key`` of the JSON file at ``path``, keeping its other keys.
 
-    The file is replaced atomically; an unreadable existing file is kept aside as ``*.bad``.
+    The file is replaced atomically; an unreadable existing file is kept aside as ``*.bad``. A
+    section without a ``"command"`` gets this process's command line (``command_line()``), so the
+    README renderer can say which command produced the numbers.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -308,6 +377,7 @@ def merge_results(path: Path | str, key: str, section: dict[str, Any]) -> Path:
             path.replace(path.with_suffix(path.suffix + ".bad"))
             data = {}
     data[key] = _jsonable(section)
+    data[key].setdefault("command", command_line())
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=2, sort_keys=False)

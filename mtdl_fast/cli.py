@@ -22,7 +22,9 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+from mtdl_fast import distributed as dist_utils
 
 PROG = "mtdl-fast"
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -279,6 +281,20 @@ def _run_dir(args: argparse.Namespace) -> Path:
     return out
 
 
+def _on_rank0(decide: Callable[[], Any]) -> Any:
+    """decide() on rank 0, its value (or its CLIError) on every rank: one choice of run folder."""
+    value, failure = None, None
+    if dist_utils.is_main():
+        try:
+            value = decide()
+        except CLIError as err:
+            failure = str(err)
+    value, failure = dist_utils.broadcast_object((value, failure))
+    if failure is not None:
+        raise CLIError(failure)
+    return value
+
+
 @subcommand("run", help="the main job: train on distribution tasks, track affinity, select groups, evaluate",
             arguments=_run_args)
 def cmd_run(args: argparse.Namespace) -> int:
@@ -286,17 +302,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mtdl_fast.trainer import run
 
     config = _config_from(args)
-    resolve_device(config.device)
-    out = _run_dir(args)
+    dist_utils.init_from_env(resolve_device(config.device))  # under torchrun: join its process group
+    main = dist_utils.is_main()
     try:
-        results = run(config, out, resume=args.resume)
-    except CheckpointError as err:
-        raise CLIError(str(err)) from err
-    except ValueError as err:
-        raise CLIError(str(err)) from err
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; checkpoint saved, continue with --resume {out / 'checkpoint.pt'}", file=sys.stderr)
-        return 130
+        out = _on_rank0(lambda: _run_dir(args))
+        try:
+            results = run(config, out, resume=args.resume)
+        except CheckpointError as err:
+            raise CLIError(str(err)) from err
+        except ValueError as err:
+            raise CLIError(str(err)) from err
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted; continue with --resume {out / 'checkpoint.pt'}", file=sys.stderr)
+            return 130
+    finally:
+        dist_utils.shutdown()
+    if not main:
+        return EXIT_OK
     groups = results["groups"]
     names = results["names"]
     print(f"groups: {[[names[i] for i in g] for g in groups['groups']]} (score {groups['score']:.4f})")
@@ -371,28 +393,106 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--quick", action="store_true", help="smoke-sized runs of every benchmark")
-    p.add_argument("--only", default=None, help="comma-separated subset: augment,affinity,grouping")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available, else cpu)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke-sized runs of every benchmark, written to runs/bench-quick/ (not benchmarks/results) "
+                        "and never into the README")
+    p.add_argument("--only", default=None, help="comma-separated subset of augment,affinity,grouping,step")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of augment, affinity and step (default: 1 on the CPU, like the recorded "
+                        "CPU results; torch's choice on CUDA); grouping always runs on one pinned core")
+    p.add_argument("--results-dir", default=None,
+                   help="folder of the <device>.json results (default benchmarks/results; runs/bench-quick with --quick)")
+    p.add_argument("--no-readme", action="store_true",
+                   help="do not regenerate README.md's performance section from the results files")
 
 
-@subcommand("bench", help="run the benchmark suite and record benchmarks/results/<device>.json",
-            arguments=_bench_args)
+@subcommand("bench", help="run the benchmark suite, record benchmarks/results/<device>.json with plots, "
+                          "and regenerate the README's performance section", arguments=_bench_args)
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Each benchmark runs as its own process (its own thread setting and memory), in the repository
+    root, writing its section of the device's results file; then every results file of the folder
+    gets its plots, and README.md's block between <!-- perf:begin --> and <!-- perf:end --> is
+    rendered from all results files there (benchmarks/render_readme.py)."""
     import subprocess
 
-    resolve_device(args.device)
-    chosen = args.only.split(",") if args.only else ["augment", "affinity", "grouping"]
+    import torch
+
+    benchmarks = ("augment", "affinity", "grouping", "step")
+
+    def relative_to_repo(path: Path) -> str:
+        """`path` relative to the repository when inside it (recorded commands stay short), else absolute."""
+        path = path.resolve()
+        try:
+            return str(path.relative_to(_repo_root()))
+        except ValueError:
+            return str(path)
+
+    device_name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(device_name)
+    chosen = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else list(benchmarks)
+    unknown = [n for n in chosen if n not in benchmarks]
+    if unknown or not chosen:
+        raise CLIError(f"unknown benchmark(s) {unknown or args.only!r}; choose among {', '.join(benchmarks)}")
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
+    common = load_benchmark("_common")
+    render = load_benchmark("render_readme")
+    default_dir = Path(common.RESULTS_DIR)
+    if args.results_dir is not None:
+        results_dir = Path(args.results_dir).resolve()
+    else:
+        results_dir = (Path("runs") / "bench-quick").resolve() if args.quick else default_dir
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"cannot create results folder {str(results_dir)!r}: {err.strerror or err}") from err
+    written: list[Path] = []
     code = EXIT_OK
     for name in chosen:
-        script = _repo_root() / "benchmarks" / f"bench_{name}.py"
-        if not script.is_file():
-            raise CLIError(f"unknown benchmark {name!r} ({script} not found)")
+        script = Path("benchmarks") / f"bench_{name}.py"
+        if not (_repo_root() / script).is_file():
+            raise CLIError(f"benchmark script {_repo_root() / script} not found (the benchmarks ship with the source tree)")
+        own_device = torch.device("cpu") if name == "grouping" else device   # grouping is a CPU benchmark
+        path = Path(common.result_path(own_device, results_dir))
         command = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
         if name != "grouping":
-            command += ["--device", args.device]
-        print(f"$ {' '.join(command)}", flush=True)
-        code = max(code, subprocess.call(command))
+            command += ["--device", str(device)]
+            if threads is not None:
+                command += ["--threads", str(threads)]
+        if args.quick or path != Path(common.result_path(own_device, default_dir)):
+            command += ["--json", relative_to_repo(path)]
+        print(f"$ python {' '.join(command[1:])}", flush=True)
+        rc = subprocess.call(command, cwd=_repo_root())
+        if rc != 0:
+            print(f"{PROG}: bench_{name} exited with status {rc}", file=sys.stderr)
+        code = max(code, rc)
+        if path.is_file() and path not in written:
+            written.append(path)
+    for path in written:
+        try:
+            for png in render.plot_results(path):
+                print(f"plot: {png}")
+        except render.ResultsError as err:
+            print(f"{PROG}: plots: {err}", file=sys.stderr)
+            code = max(code, 1)
+    if args.no_readme:
+        return code
+    try:
+        if results_dir == default_dir.resolve():
+            changed = render.render_readme(_repo_root() / "README.md", results_dir)
+            print(f"README.md: performance section {'updated' if changed else 'unchanged'} "
+                  f"(from every results file in {relative_to_repo(results_dir)})")
+        else:   # a scratch folder (e.g. --quick): render beside the results, leave the README alone
+            block = render.render_block(render.load_results(results_dir), link_base=results_dir)
+            out = results_dir / "performance.md"
+            out.write_text(block + "\n")
+            print(f"performance section rendered to {out} (README.md untouched: results are not in "
+                  f"{relative_to_repo(default_dir)})")
+    except render.ResultsError as err:
+        print(f"{PROG}: README not regenerated: {err}", file=sys.stderr)
+        code = max(code, 1)
     return code
 
 
