@@ -121,9 +121,9 @@ def test_tracker_leaves_parameters_buffers_and_grads_untouched():
 
 @pytest.mark.parametrize("chunk_size, budget, pairs", [
     (None, None, K * K), (2, None, 2 * K), (1, None, K),
-    ("auto", None, K),   # CPU: one source per call, its K targets batched
-    ("auto", 10**12, K),  # a budget only lowers the preferred size
-    ("auto", 1, 1),      # nothing fits: one (source, target) per call
+    ("auto", None, 1),   # CPU: a plain loop over (source, target) pairs
+    ("auto", 10**12, 1),  # a budget only lowers the preferred size
+    ("auto", 1, 1),
 ])
 def test_chunking_and_memory_budget_do_not_change_the_result(chunk_size, budget, pairs):
     trunk, heads, views = conv_bn_model()
@@ -133,6 +133,38 @@ def test_chunking_and_memory_budget_do_not_change_the_result(chunk_size, budget,
     got = tracker.step(views, y)
     assert tracker.pairs_per_call == pairs
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("budget, pairs", [(10**12, K * K), (4 * 1000, 4), (2 * 1000, 2), (10, 1)])
+def test_budget_sets_the_pairs_per_call(monkeypatch, budget, pairs):
+    """With CUDA's preference (everything batched) and a known cost per pair, the budget decides."""
+    import mtdl_fast.affinity as affinity
+
+    trunk, heads, views = conv_bn_model()
+    y = labels(True)
+    param_share = sum(p.nbytes for p in trunk.parameters()) // K
+    monkeypatch.setattr(affinity, "_preferred_pairs", lambda k, device: k * k)
+    monkeypatch.setattr(affinity, "_activation_bytes", lambda *args: 1000 - param_share)
+    tracker = AffinityTracker(trunk, heads, lr=0.2, memory_budget=budget)
+    got = tracker.step(views, y)
+    assert tracker.pairs_per_call == pairs
+    assert torch.allclose(got, naive_affinity(trunk, heads, views, y, lr=0.2)[0], atol=1e-6, rtol=0)
+
+
+def test_activation_estimate_counts_layer_outputs_and_touches_nothing():
+    from mtdl_fast.affinity import _activation_bytes
+
+    trunk, heads, views = conv_bn_model()
+    before = snapshot(trunk, heads)
+    tracker = AffinityTracker(trunk, heads, lr=0.2)
+    fm = tracker._model(F.cross_entropy)
+    head = fm.head(True)
+    head_state = {n: torch.stack([dict(h.named_parameters())[n].detach() for h in heads]) for n, _ in heads[0].named_parameters()}
+    got = _activation_bytes(fm, fm.trunk(), head, fm.constants(fm.trunk()), fm.shared_params(), head_state, views[0])
+    # input, then conv 5x7x7, BN, ReLU, conv 6x3x3, BN, ReLU, pool 6, flatten 6; head 7, 7, CLASSES
+    per_image = 3 * 49 + 3 * 5 * 49 + 3 * 6 * 9 + 6 + 6 + 7 + 7 + CLASSES
+    assert got == per_image * B * 8  # float64
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(trunk, heads)))
 
 
 def test_ragged_target_blocks():
@@ -166,6 +198,7 @@ def test_out_of_memory_halves_the_work_and_retries(monkeypatch):
     monkeypatch.setattr(AffinityTracker, "_lookahead_blocks", blocks)
     monkeypatch.setattr(AffinityTracker, "_task_grad_call", grads)
     tracker = AffinityTracker(trunk, heads, lr=0.2, chunk_size=None)
+    tracker.grad_chunk = K  # as on CUDA: all tasks in one vmap
     with pytest.warns(UserWarning, match="out of memory"):
         got = tracker.step(views, y)
     assert lookahead_calls == [K * K, K * K // 2, 2] and grad_calls == [K, 1]
