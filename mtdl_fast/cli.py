@@ -368,21 +368,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from mtdl_fast.checkpoint import CheckpointError, load_checkpoint
     from mtdl_fast.reports import markdown_table
-    from mtdl_fast.trainer import CHECKPOINT_FORMAT, RunConfig, build_engine, evaluate, load_dataset
+    from mtdl_fast.trainer import (RunConfig, build_engine, check_run_checkpoint, evaluate, load_dataset,
+                                   load_engine_state)
 
     device = resolve_device(args.device)
     try:
         state = load_checkpoint(args.checkpoint)
+        check_run_checkpoint(state, args.checkpoint)
     except CheckpointError as err:
         raise CLIError(str(err)) from err
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CLIError(f"{args.checkpoint} is not a checkpoint of `mtdl-fast run`")
     config = RunConfig(**{**state["config"], "device": str(device)})
     eval_names = args.tasks.split(",") if args.tasks else list(config.tasks)
     try:
         data = load_dataset(config)
         engine = build_engine(config, config.tasks, data, device)
-        engine.load_state_dict(state["engine"])
+        load_engine_state(engine, state, args.checkpoint)
         acc = evaluate(engine, config.tasks, eval_names, data.x_test[: config.eval_size].to(device),
                        data.y_test[: config.eval_size].to(device), config.seed)
     except ValueError as err:

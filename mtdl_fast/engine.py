@@ -85,7 +85,6 @@ class MTDLEngine:
         self.weighting = weighting if weighting is not None else Sum(len(tasks))
         if getattr(self.weighting, "num_tasks", len(tasks)) != len(tasks):
             raise ValueError(f"weighting is for {self.weighting.num_tasks} tasks, tasks defines {len(tasks)}")
-        self.loss_fn = loss_fn
         self.affinity_every = affinity_every
         self.skip_nonfinite = skip_nonfinite
         self.distributed = dist_utils.is_distributed() if distributed is None else bool(distributed)
@@ -112,6 +111,15 @@ class MTDLEngine:
                                               loss_fn=loss_fn, generator=torch.Generator().manual_seed(0))
         self.step_count = 0
         self.skipped_steps = 0
+
+    @property
+    def loss_fn(self) -> LossFn:
+        """loss(output, target) -> scalar mean, of the training step and the affinity alike."""
+        return self._loss_module.loss_fn
+
+    @loss_fn.setter
+    def loss_fn(self, value: LossFn) -> None:
+        self._loss_module.loss_fn = value
 
     # ------------------------------------------------------------- the pieces
     def augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +163,7 @@ class MTDLEngine:
             return self._tracked_step(views, targets)
         with record_function("affinity"):
             z = self.tracker.step(views, targets, self.loss_fn) if track else None
+        saved = self._save_buffers()
         with record_function("forward"):
             total, losses, _ = self._forward(views, targets)
         # The global batch's losses: the same on every rank, so every rank skips (or not) alike
@@ -164,7 +173,9 @@ class MTDLEngine:
             dist_utils.all_reduce_mean_([seen])
         seen_total, seen_losses = seen[0], seen[1:]
         skipped = self._skip(seen_total)
-        if not skipped:
+        if skipped:
+            self._restore_buffers(saved)  # the forward moved BatchNorm's running statistics
+        else:
             self.optimizer.zero_grad(set_to_none=True)
             with record_function("backward"):
                 total.backward()
@@ -200,6 +211,18 @@ class MTDLEngine:
         with torch.no_grad():
             for k, head in enumerate(self.heads):
                 head(self.trunk(views[k]))
+
+    def _save_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(buffer, copy) of the model's buffers, for a step that may be skipped."""
+        if not self.skip_nonfinite:
+            return []
+        return [(b, b.detach().clone()) for module in (self.trunk, self.heads) for b in module.buffers()]
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for buffer, copy in saved:
+            buffer.copy_(copy)
 
     def _skip(self, total: torch.Tensor) -> bool | None:
         if not self.skip_nonfinite:

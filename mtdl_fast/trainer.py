@@ -245,7 +245,7 @@ def load_run_checkpoint(path: str | Path, config: RunConfig, engine: MTDLEngine)
     if world != dist_utils.world_size():
         raise CheckpointError(f"{path} was written by {world} process(es); resume it with {world}, "
                               f"not {dist_utils.world_size()}, to continue the same augmentation streams")
-    engine.load_state_dict(state["engine"])
+    load_engine_state(engine, state, path)
     if "tasks_by_rank" in state:
         engine.tasks.load_state_dict(state["tasks_by_rank"][dist_utils.rank()])
     return int(state["step"])
@@ -293,9 +293,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _check_resume(state: dict, config: RunConfig, path: Path) -> None:
+def check_run_checkpoint(state: dict, path: str | Path) -> None:
+    """CheckpointError unless `state` (a loaded checkpoint) is a complete `mtdl-fast run` checkpoint."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of `mtdl-fast run` (format {state.get('format')!r})")
+    missing = [key for key in ("config", "step", "engine") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete `mtdl-fast run` checkpoint (no {', '.join(missing)})")
+
+
+def load_engine_state(engine: MTDLEngine, state: dict, path: str | Path) -> None:
+    """engine.load_state_dict(state["engine"]); CheckpointError (one line) when it does not fit."""
+    try:
+        engine.load_state_dict(state["engine"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as err:
+        detail = " ".join(f"{type(err).__name__}: {err}".split())
+        raise CheckpointError(f"{path} does not fit this run's model ({detail})") from err
+
+
+def _check_resume(state: dict, config: RunConfig, path: Path) -> None:
+    check_run_checkpoint(state, path)
     saved = state["config"]
     different = {k: (saved.get(k), v) for k, v in dataclasses.asdict(config).items()
                  if k not in ("steps", "epochs", "checkpoint_every") and saved.get(k) != v}
@@ -306,7 +323,11 @@ def _check_resume(state: dict, config: RunConfig, path: Path) -> None:
 def _read_metrics(path: Path, upto: int | None = None) -> list[dict]:
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # a row torn by a crash mid-write (rows are written whole, newline included)
+    rows = [json.loads(line) for line in lines if line.strip()]
     return [r for r in rows if upto is None or r["step"] <= upto]
 
 
