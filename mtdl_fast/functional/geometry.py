@@ -268,8 +268,12 @@ def _resized_crop_loop(
     mode = "nearest" if nearest else "bilinear"
     native = image.dtype == torch.uint8 or image.is_floating_point()
     for i, (top, left, h, w) in enumerate(box.long().tolist()):
-        crop = image[i : i + 1, :, max(top, 0) : top + h, max(left, 0) : left + w]
-        pad = [max(-left, 0), max(left + w - max(width, left), 0), max(-top, 0), max(top + h - max(height, top), 0)]
+        # The part of the box inside the image (possibly empty), then zeros for the rest of it.
+        r0, c0 = min(max(top, 0), height), min(max(left, 0), width)
+        r1, c1 = max(min(max(top + h, 0), height), r0), max(min(max(left + w, 0), width), c0)
+        crop = image[i : i + 1, :, r0:r1, c0:c1]
+        pad_top, pad_left = min(max(-top, 0), h), min(max(-left, 0), w)
+        pad = [pad_left, w - pad_left - (c1 - c0), pad_top, h - pad_top - (r1 - r0)]
         if any(pad):
             crop = F.pad(crop, pad)
         if (h, w) == tuple(size):

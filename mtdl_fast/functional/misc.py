@@ -49,7 +49,8 @@ def gaussian_blur(
         sigma = [k * 0.15 + 0.35 for k in sizes]
     batch_image = image.reshape(-1, *image.shape[-3:])
     sigmas = per_image(sigma, "sigma", batch_image, width=2, low=1e-12, repeat=True)
-    if min(batch_image.shape[-2:]) <= max(sizes) // 2 and batch_image.numel() > 0:
+    # kernel_size is [width, height]; reflect padding needs each half-kernel below its own axis.
+    if (sizes[0] // 2 >= batch_image.shape[-1] or sizes[1] // 2 >= batch_image.shape[-2]) and batch_image.numel() > 0:
         raise ValueError(
             f"kernel_size {list(sizes)} needs images larger than half the kernel for reflect padding, "
             f"got image size {list(batch_image.shape[-2:])}"
