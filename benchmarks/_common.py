@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from _format import fmt  # noqa: F401  (re-exported: the scripts call C.fmt)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # Published peak DRAM bandwidth in GB/s, matched against torch.cuda.get_device_name() (lower-case
@@ -52,7 +54,7 @@ SPEC_PEAK_GBPS: list[tuple[tuple[str, ...], float, str]] = [
 
 
 # Published dense peaks in TFLOP/s (fp32 without tensor cores, tf32 and bf16 tensor cores, no
-# sparsity), matched like SPEC_PEAK_GBPS (the same table as bench_affinity.SPEC_PEAK_TFLOPS). cuDNN convolutions run in TF32 under torch's defaults
+# sparsity), matched like SPEC_PEAK_GBPS. cuDNN convolutions run in TF32 under torch's defaults
 # (torch.backends.cudnn.allow_tf32), float32 matmuls do not (torch.backends.cuda.matmul.allow_tf32).
 SPEC_PEAK_TFLOPS: list[tuple[tuple[str, ...], dict[str, float], str]] = [
     (("gh200",), {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}, "GH200 (H100 SXM compute)"),
@@ -397,13 +399,6 @@ def markdown_table(rows: Iterable[Sequence[Any]], header: Sequence[str], align: 
     return "\n".join(lines)
 
 
-def fmt(value: float | None, digits: int = 3) -> str:
-    """Compact number: 3 significant digits, thousands separators for big values, '-' for None."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.{digits}g}"
 
 
 def log(msg: str) -> None:

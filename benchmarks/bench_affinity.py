@@ -92,27 +92,6 @@ TARGET_GPU_FO_VS_PLAIN = 1.3          # GPU: first_order <= 1.3x the plain step
 TARGET_CPU_EXACT_VS_NAIVE = 1.5       # CPU: batched exact >= 1.5x faster than the naive loop
 TARGET_REDUCTION_FRACTION = 0.01      # the reduction < 1% of a (batched exact) step
 
-# Published dense peaks in TFLOP/s (fp32 non-tensor-core, tf32 and bf16 tensor cores, no sparsity),
-# matched against torch.cuda.get_device_name() (lower-case substrings, first match wins).
-SPEC_PEAK_TFLOPS: list[tuple[tuple[str, ...], dict[str, float], str]] = [
-    (("gh200",), {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}, "GH200 (H100 SXM compute)"),
-    (("h200",), {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}, "H200 SXM"),
-    (("h100", "nvl"), {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5}, "H100 NVL"),
-    (("h100", "pcie"), {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0}, "H100 PCIe"),
-    (("h100",), {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4}, "H100 SXM"),
-    (("a100",), {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}, "A100"),
-]
-
-
-def spec_peak_tflops(name: str) -> tuple[dict[str, float] | None, str | None]:
-    """Published dense peaks (TFLOP/s by dtype, description) for a GPU name, or (None, None)."""
-    low = name.lower()
-    for keys, peaks, desc in SPEC_PEAK_TFLOPS:
-        if all(k in low for k in keys):
-            return dict(peaks), desc
-    return None, None
-
-
 class GuardError(AssertionError):
     """A batched path disagrees with the naive loop: nothing is timed."""
 
@@ -464,7 +443,7 @@ def _run(quick, dev, *, batch, tasks, budget_s, chunk_sizes, verbose) -> dict[st
     if dev.type == "cuda":
         env["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
         env["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
-        peaks, peak_desc = spec_peak_tflops(env["device_name"])
+        peaks, peak_desc = C.spec_peak_tflops(env["device_name"])
     else:
         peaks, peak_desc = None, None
     env["spec_peak_TFLOPs"] = peaks

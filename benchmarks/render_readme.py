@@ -32,6 +32,10 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _format import fmt  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS_DIR = HERE / "results"
@@ -92,13 +96,6 @@ def _as_tuple(kinds) -> tuple[type, ...]:
 # Formatting
 # ----------------------------------------------------------------------------------------------
 
-def fmt(value: float | None, digits: int = 3) -> str:
-    """3 significant digits, thousands separators from 1000 on, '-' for None (as _common.fmt)."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.{digits}g}"
 
 
 def table(rows: Iterable[Sequence[Any]], header: Sequence[str], align: str) -> str:
