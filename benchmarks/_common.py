@@ -403,3 +403,44 @@ def markdown_table(rows: Iterable[Sequence[Any]], header: Sequence[str], align: 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The scripts' command lines
+# ----------------------------------------------------------------------------------------------
+
+class GuardError(AssertionError):
+    """A contender does not do the work it claims (checked before timing): nothing is reported."""
+
+
+def write_section(section: dict[str, Any], name: str, path: Path | str | None = None) -> Path:
+    """Merge ``section`` under key ``name`` into the result file (default: the one of the device the
+    section ran on) and save its table beside it as ``<stem>-<name>.md``."""
+    if path is None:
+        path = result_path(torch.device("cuda" if section["env"]["device"] == "cuda" else "cpu"))
+    path = Path(merge_results(path, name, section))
+    path.with_name(f"{path.stem}-{name}.md").write_text(section["table"] + "\n")
+    return path
+
+
+def add_output_args(parser) -> None:
+    parser.add_argument("--json", default=None, help="result file (default benchmarks/results/<device>.json)")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+
+
+def finish(prog: str, args, make_section: Callable[[], dict[str, Any]],
+           write: Callable[[dict[str, Any], str | None], Path]) -> int:
+    """Run a script's benchmark and print its table; write it unless --no-write, or --quick without
+    --json. Exit code 2 for bad arguments (ValueError), 1 for a failed correctness guard."""
+    try:
+        section = make_section()
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except GuardError as err:
+        print(f"{prog}: correctness guard failed: {err}", file=sys.stderr)
+        return 1
+    print(section["table"])
+    if not args.no_write and (args.json or not getattr(args, "quick", False)):
+        print(f"\nwrote {write(section, args.json)}")
+    return 0

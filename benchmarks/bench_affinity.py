@@ -92,8 +92,7 @@ TARGET_GPU_FO_VS_PLAIN = 1.3          # GPU: first_order <= 1.3x the plain step
 TARGET_CPU_EXACT_VS_NAIVE = 1.5       # CPU: batched exact >= 1.5x faster than the naive loop
 TARGET_REDUCTION_FRACTION = 0.01      # the reduction < 1% of a (batched exact) step
 
-class GuardError(AssertionError):
-    """A batched path disagrees with the naive loop: nothing is timed."""
+GuardError = C.GuardError  # a batched path disagrees with the naive loop: nothing is timed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,20 +609,29 @@ def _bench_reduction(k: int, dev: torch.device, budget_s: float, quick: bool) ->
         total = torch.zeros(k, k, dtype=torch.float64, device=dev)
         count = torch.zeros(k, k, dtype=torch.int64, device=dev)
         res: dict[str, Any] = {"status": "ok", "shapes": f"base ({k},), lookahead ({k}, {k}) float64"}
-        for tag, backend in (("", "auto"), ("torch_twin_", "torch")):
-            fn = lambda b=backend: reductions.affinity_update(base, la, total, count, backend=b)  # noqa: E731
-            _, first = _timed_call(fn, dev)
-            t = _time(fn, dev, first, budget_s=min(budget_s, 1.0), quick=quick, max_repeats=1000)
-            if tag:
-                res[f"{tag}median_s"] = t["median_s"]
-            else:
-                res.update(t)
+        res.update(_time_backends(lambda b: reductions.affinity_update(base, la, total, count, backend=b),
+                                  dev, budget_s, quick))
         res["ms"] = res["median_s"] * 1e3
         res["backend"] = "extension" if reductions._compiled_for(dev) is not None else "torch twin"
         res["note_short"] = f"{res['backend']}; torch twin {res['torch_twin_median_s'] * 1e6:.3g} us"
         return res
     except Exception as err:  # noqa: BLE001
         return _error(err)
+
+
+def _time_backends(call: Callable[[str], Any], dev, budget_s, quick) -> dict[str, Any]:
+    """Timing of call("auto") (the extension where built), plus the median of call("torch") (its
+    twin) as ``torch_twin_median_s``."""
+    out: dict[str, Any] = {}
+    for backend in ("auto", "torch"):
+        fn = lambda b=backend: call(b)  # noqa: E731
+        _, first = _timed_call(fn, dev)
+        t = _time(fn, dev, first, budget_s=min(budget_s, 1.0), quick=quick, max_repeats=1000)
+        if backend == "auto":
+            out.update(t)
+        else:
+            out["torch_twin_median_s"] = t["median_s"]
+    return out
 
 
 def _bench_gram(trunk, heads, views, y, dev, budget_s, quick) -> dict[str, Any]:
@@ -637,14 +645,7 @@ def _bench_gram(trunk, heads, views, y, dev, budget_s, quick) -> dict[str, Any]:
         flat = torch.cat([g.reshape(k, -1) for g in tr.last_task_grads["shared"].values()], dim=1).contiguous()
         del tr
         res: dict[str, Any] = {"status": "ok", "shape": list(flat.shape), "dtype": str(flat.dtype)}
-        for tag, backend in (("", "auto"), ("torch_twin_", "torch")):
-            fn = lambda b=backend: reductions.gram(flat, backend=b)  # noqa: E731
-            _, first = _timed_call(fn, dev)
-            t = _time(fn, dev, first, budget_s=min(budget_s, 1.0), quick=quick, max_repeats=1000)
-            if tag:
-                res[f"{tag}median_s"] = t["median_s"]
-            else:
-                res.update(t)
+        res.update(_time_backends(lambda b: reductions.gram(flat, backend=b), dev, budget_s, quick))
         res["ms"] = res["median_s"] * 1e3
         res["GBps"] = flat.numel() * flat.element_size() / res["median_s"] / 1e9
         res["backend"] = "extension" if reductions._compiled_for(dev) is not None else "torch twin"
@@ -827,12 +828,7 @@ def table(section: dict[str, Any]) -> str:
 
 def write(section: dict[str, Any], path: Path | str | None = None) -> Path:
     """Merge ``section`` into the result file (key ``affinity``) and save the table beside it."""
-    if path is None:
-        dev = torch.device("cuda" if section["env"]["device"] == "cuda" else "cpu")
-        path = C.result_path(dev)
-    path = C.merge_results(path, SECTION, section)
-    Path(path).with_name(Path(path).stem + "-affinity.md").write_text(section["table"] + "\n")
-    return Path(path)
+    return C.write_section(section, SECTION, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -845,23 +841,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=None, help=f"number of tasks K (default {K_TASKS})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)")
     p.add_argument("--budget", type=float, default=None, help="timing budget per contender (s)")
-    p.add_argument("--json", default=None, help="result file (default benchmarks/results/<device>.json)")
-    p.add_argument("--no-write", action="store_true", help="print only")
+    C.add_output_args(p)
     args = p.parse_args(argv)
-    try:
-        section = run(args.quick, args.device, batch=args.batch, tasks=args.tasks, threads=args.threads,
-                      budget_s=args.budget)
-    except ValueError as err:
-        print(f"bench_affinity: error: {err}", file=sys.stderr)
-        return 2
-    except GuardError as err:
-        print(f"bench_affinity: correctness guard failed: {err}", file=sys.stderr)
-        return 1
-    print(section["table"])
-    if not args.no_write and (args.json or not args.quick):
-        path = write(section, args.json)
-        print(f"\nwrote {path}")
-    return 0
+    return C.finish("bench_affinity", args, lambda: run(args.quick, args.device, batch=args.batch, tasks=args.tasks,
+                                                        threads=args.threads, budget_s=args.budget), write)
 
 
 if __name__ == "__main__":

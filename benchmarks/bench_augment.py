@@ -580,12 +580,7 @@ def table(section: dict[str, Any]) -> str:
 
 def write(section: dict[str, Any], path: Path | str | None = None) -> Path:
     """Merge ``section`` into the result file (key ``augment``) and save the table beside it."""
-    if path is None:
-        dev = torch.device("cuda" if section["env"]["device"] == "cuda" else "cpu")
-        path = C.result_path(dev)
-    path = C.merge_results(path, SECTION, section)
-    Path(path).with_name(Path(path).stem + "-augment.md").write_text(section["table"] + "\n")
-    return Path(path)
+    return C.write_section(section, SECTION, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -600,22 +595,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=None,
                    help=f"comma-separated contenders among: {', '.join(CONTENDERS)}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", default=None, help="result file (default benchmarks/results/<device>.json)")
-    p.add_argument("--no-write", action="store_true", help="print only")
+    C.add_output_args(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        section = run(args.quick, args.device, sizes=args.sizes, batch=args.batch, budget_s=args.budget,
-                      only=args.only)
-    except ValueError as err:
-        print(f"bench_augment: error: {err}", file=sys.stderr)
-        return 2
-    print(section["table"])
-    if not args.no_write and (args.json or not args.quick):
-        path = write(section, args.json)
-        print(f"\nwrote {path}")
-    return 0
+    return C.finish("bench_augment", args, lambda: run(args.quick, args.device, sizes=args.sizes, batch=args.batch,
+                                                       budget_s=args.budget, only=args.only), write)
 
 
 if __name__ == "__main__":

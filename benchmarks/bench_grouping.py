@@ -217,10 +217,8 @@ def run(quick: bool, matrices: int | None, max_exh_s: float | None) -> dict[str,
 
 
 def write(section: dict[str, Any], path: str | None) -> Path:
-    path = Path(path) if path else C.result_path(torch.device("cpu"))
-    path = C.merge_results(path, SECTION, section)
-    Path(path).with_name(Path(path).stem + "-grouping.md").write_text(section["table"] + "\n")
-    return path
+    """Merge ``section`` into the CPU's result file (key ``grouping``) and save the table beside it."""
+    return C.write_section(section, SECTION, path or C.result_path(torch.device("cpu")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,14 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matrices", type=int, default=None, help="random matrices per row (default 5, quick 2)")
     p.add_argument("--max-exhaustive-s", type=float, default=None,
                    help="skip the exhaustive search when its estimated time exceeds this (default 60, quick 5)")
-    p.add_argument("--json", default=None, help="result file (default benchmarks/results/<device>.json)")
-    p.add_argument("--no-write", action="store_true", help="print only")
+    C.add_output_args(p)
     args = p.parse_args(argv)
-    section = run(args.quick, args.matrices, args.max_exhaustive_s)
-    print(section["table"])
-    if not args.no_write and (args.json or not args.quick):
-        print(f"\nwrote {write(section, args.json)}")
-    return 0
+    return C.finish("bench_grouping", args, lambda: run(args.quick, args.matrices, args.max_exhaustive_s), write)
 
 
 if __name__ == "__main__":

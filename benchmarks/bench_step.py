@@ -115,8 +115,7 @@ TARGET_GPU_SPEEDUP = 5.0             # mtdl-fast (no affinity) >= 5x the baselin
 TARGET_GPU_EXACT10_OVERHEAD = 0.15   # exact every 10 steps <= 15% over no affinity
 
 
-class GuardError(AssertionError):
-    """A variant does not do the work it claims (or its loss is not finite): nothing is reported."""
+GuardError = C.GuardError  # a variant does not do the work it claims (or a loss is not finite)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,16 +766,12 @@ def table(section: dict[str, Any]) -> str:
 
 def write(section: dict[str, Any], path: Path | str | None = None, plot: bool = True) -> Path:
     """Merge ``section`` into the result file (key ``step``); save the table and the plot beside it."""
-    if path is None:
-        dev = torch.device("cuda" if section["env"]["device"] == "cuda" else "cpu")
-        path = C.result_path(dev)
-    path = C.merge_results(path, SECTION, section)
-    Path(path).with_name(Path(path).stem + "-step.md").write_text(section["table"] + "\n")
+    path = C.write_section(section, SECTION, path)
     if plot:
         import render_readme
 
-        render_readme.plot_step(section, Path(path).with_name(Path(path).stem + "-step.png"))
-    return Path(path)
+        render_readme.plot_step(section, path.with_name(path.stem + "-step.png"))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -791,23 +786,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=AFFINITY_EVERY, help="affinity period of variant (d) (default 10)")
     p.add_argument("--only", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=None,
                    help=f"comma-separated variants among: {', '.join(VARIANTS)} (the baseline always runs)")
-    p.add_argument("--json", default=None, help="result file (default benchmarks/results/<device>.json)")
-    p.add_argument("--no-write", action="store_true", help="print only")
+    C.add_output_args(p)
     args = p.parse_args(argv)
-    try:
-        section = run(args.quick, args.device, batch=args.batch, tasks=args.tasks, threads=args.threads,
-                      budget_s=args.budget, every=args.every, only=args.only)
-    except ValueError as err:
-        print(f"bench_step: error: {err}", file=sys.stderr)
-        return 2
-    except GuardError as err:
-        print(f"bench_step: guard failed: {err}", file=sys.stderr)
-        return 1
-    print(section["table"])
-    if not args.no_write and (args.json or not args.quick):
-        path = write(section, args.json)
-        print(f"\nwrote {path}")
-    return 0
+    return C.finish("bench_step", args, lambda: run(args.quick, args.device, batch=args.batch, tasks=args.tasks,
+                                                    threads=args.threads, budget_s=args.budget, every=args.every,
+                                                    only=args.only), write)
 
 
 if __name__ == "__main__":
