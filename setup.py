@@ -42,10 +42,10 @@ setup(
     version="0.1.0",
     description="Kernel-backed engine for Multi-Task Distribution Learning",
     python_requires=">=3.10",
-    packages=["mtdl_fast", "mtdl_fast.functional", "mtdl_fast.kernels"],
+    packages=["mtdl_fast", "mtdl_fast.functional", "mtdl_fast.kernels", "mtdl_fast.app", "mtdl_fast.research"],
     package_dir={"mtdl_fast.kernels": "kernels"},
     install_requires=["torch>=2.11", "torchvision>=0.26", "triton>=3.6", "numpy"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["mtdl-fast=mtdl_fast.cli:main"]},
+    entry_points={"console_scripts": ["mtdl-fast=mtdl_fast.app.cli:main"]},
 )

@@ -109,7 +109,7 @@ def task_names(k: int) -> list[str]:
 def make_problem(batch: int, k: int, device: torch.device, seed: int = 0):
     """(trunk, heads, views (K, B, 3, 32, 32) float32 in [0, 1], labels (B,)), all on `device`."""
     import mtdl_fast as mf
-    from mtdl_fast.data import load_sample_photos
+    from mtdl_fast.app.data import load_sample_photos
 
     torch.manual_seed(seed)
     trunk = mf.models.SmallResNet(3).to(device).train()

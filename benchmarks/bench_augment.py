@@ -437,7 +437,7 @@ def run(quick: bool = False, device: str = "cpu", *, sizes: list[int] | None = N
         dict with "env", "configs" (one per size, each with "contenders"), "targets" and "table".
     """
     dev = C.resolve_device(device)
-    from mtdl_fast import data
+    from mtdl_fast.app import data
 
     if sizes is None:
         sizes = list(QUICK_CONFIGS if quick else FULL_CONFIGS)

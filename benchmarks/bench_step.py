@@ -130,8 +130,8 @@ def task_names(k: int) -> list[str]:
 
 
 def trainer_defaults() -> dict[str, Any]:
-    """The trainer's model width, learning rate and momentum (``mtdl_fast.trainer.RunConfig``)."""
-    from mtdl_fast.trainer import RunConfig
+    """The trainer's model width, learning rate and momentum (``mtdl_fast.app.trainer.RunConfig``)."""
+    from mtdl_fast.app.trainer import RunConfig
 
     cfg = RunConfig()
     return {"width": cfg.width, "lr": cfg.lr, "momentum": cfg.momentum}
@@ -149,7 +149,7 @@ def make_model(k: int, device: torch.device, seed: int = 0):
 
 def make_batch(batch: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(x uint8 (B, 3, 32, 32), y (B,)) on `device`: sample-photo tiles and fixed random labels."""
-    from mtdl_fast.data import load_sample_photos
+    from mtdl_fast.app.data import load_sample_photos
 
     x = load_sample_photos(IMAGE_SIZE, batch, seed=seed).to(device)
     gen = torch.Generator().manual_seed(seed + 1)

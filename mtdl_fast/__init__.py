@@ -8,9 +8,9 @@
 """
 from mtdl_fast import _ext, functional, models, tasks
 from mtdl_fast.affinity import AffinityTracker
-from mtdl_fast.affinity_propagation import affinity_propagation
+from mtdl_fast.research.affinity_propagation import affinity_propagation
 from mtdl_fast.grouping import GroupingResult, select_groups
-from mtdl_fast.stgu import SelectiveGroupUpdates
+from mtdl_fast.research.stgu import SelectiveGroupUpdates
 from mtdl_fast.tasks import DEFAULT_TASKS, DistributionTasks, TaskParams, TaskSpec
 
 __all__ = [

@@ -33,7 +33,7 @@ class MTDLEngine:
         trunk, heads: the model; head k reads trunk(view_k). Each view is its own forward, so
             BatchNorm normalises each distribution with its own statistics.
         optimizer: holds the trunk's and heads' parameters (and the weighting's, if it has any).
-        weighting: a `mtdl_fast.weighting.Weighting`; default: the plain sum of the task losses.
+        weighting: a `mtdl_fast.research.weighting.Weighting`; default: the plain sum of the task losses.
         loss_fn: loss(output, target) -> scalar mean; default cross-entropy.
         affinity_every: measure TAG affinity every this many steps (None: never).
         affinity_mode: "exact" or "first_order" (see AffinityTracker).
@@ -71,8 +71,8 @@ class MTDLEngine:
         distributed: bool | None = None,
         ddp_kwargs: dict | None = None,
     ):
-        from mtdl_fast.stgu import SelectiveGroupUpdates
-        from mtdl_fast.weighting import Sum
+        from mtdl_fast.research.stgu import SelectiveGroupUpdates
+        from mtdl_fast.research.weighting import Sum
 
         if strategy not in ("joint", "stgu"):
             raise ValueError(f"strategy must be 'joint' or 'stgu', got {strategy!r}")

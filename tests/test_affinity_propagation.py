@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtdl_fast.affinity_propagation import AffinityPropagationWarning, affinity_propagation
+from mtdl_fast.research.affinity_propagation import AffinityPropagationWarning, affinity_propagation
 
 sklearn_cluster = pytest.importorskip("sklearn.cluster")
 

@@ -267,7 +267,7 @@ def test_plots_of_every_section(render, results_dir):
 
 
 def test_cli_bench_refuses_an_unknown_benchmark(capsys):
-    from mtdl_fast.cli import main
+    from mtdl_fast.app.cli import main
 
     assert main(["bench", "--device", "cpu", "--only", "step,nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err

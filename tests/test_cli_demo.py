@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtdl_fast.cli import main
+from mtdl_fast.app.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,9 +1,9 @@
-"""mtdl_fast.data: the built-in offline image sources."""
+"""mtdl_fast.app.data: the built-in offline image sources."""
 import numpy as np
 import pytest
 import torch
 
-from mtdl_fast import data
+from mtdl_fast.app import data
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def _global_batches(seed: int = 0):
 
 
 def _engine(scenario: dict, distributed: bool) -> MTDLEngine:
-    from mtdl_fast.weighting import make_weighting
+    from mtdl_fast.research.weighting import make_weighting
 
     torch.manual_seed(0)
     trunk, heads = MLPTrunk(36, (16,)), linear_heads(K, 16, 4)
@@ -164,7 +164,7 @@ def _cli(prefix: list[str], out: Path) -> str:
 
 def test_torchrun_run_matches_single_process(tmp_path):
     """Deterministic tasks, so one process and two ranks see the same views of each global batch."""
-    from mtdl_fast.checkpoint import load_checkpoint
+    from mtdl_fast.app.checkpoint import load_checkpoint
 
     two, one = tmp_path / "two", tmp_path / "one"
     stdout = _cli([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"], two)
@@ -188,8 +188,8 @@ def test_torchrun_run_matches_single_process(tmp_path):
 
 
 def test_resume_needs_the_same_world_size(tmp_path):
-    from mtdl_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from mtdl_fast.trainer import RunConfig, build_engine, load_dataset, load_run_checkpoint, save_run_checkpoint
+    from mtdl_fast.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from mtdl_fast.app.trainer import RunConfig, build_engine, load_dataset, load_run_checkpoint, save_run_checkpoint
 
     config = RunConfig(tasks=["identity", "invert"], trunk="mlp", steps=2, image_size=8)
     data = load_dataset(config)

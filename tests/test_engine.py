@@ -10,7 +10,7 @@ from torch import nn
 
 import mtdl_fast as mf
 from mtdl_fast.engine import MTDLEngine
-from mtdl_fast.weighting import Static
+from mtdl_fast.research.weighting import Static
 
 K, B = 3, 8
 

@@ -32,12 +32,12 @@ from torch import nn
 
 import mtdl_fast as mf
 import mtdl_fast.engine as engine_module
-import mtdl_fast.trainer as trainer_module
-from mtdl_fast.checkpoint import MAGIC, CheckpointError, load_checkpoint, save_checkpoint
-from mtdl_fast.cli import main
+import mtdl_fast.app.trainer as trainer_module
+from mtdl_fast.app.checkpoint import MAGIC, CheckpointError, load_checkpoint, save_checkpoint
+from mtdl_fast.app.cli import main
 from mtdl_fast.engine import MTDLEngine
-from mtdl_fast.trainer import CHECKPOINT_FORMAT, RunConfig, run
-from mtdl_fast.weighting import DynamicWeightAverage, Sum, UncertaintyWeighting
+from mtdl_fast.app.trainer import CHECKPOINT_FORMAT, RunConfig, run
+from mtdl_fast.research.weighting import DynamicWeightAverage, Sum, UncertaintyWeighting
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-6

@@ -1,4 +1,4 @@
-"""mtdl_fast.reports: report.md and its PNG figures from plain data (no model, no GPU)."""
+"""mtdl_fast.app.reports: report.md and its PNG figures from plain data (no model, no GPU)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from mtdl_fast import reports
+from mtdl_fast.app import reports
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAMES = ["identity", "horizontal_flip", "rotate", "color_jitter"]

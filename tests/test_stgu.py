@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtdl_fast.affinity_propagation import affinity_propagation
-from mtdl_fast.stgu import SelectiveGroupUpdates, grouping_similarity, groups_from_labels
+from mtdl_fast.research.affinity_propagation import affinity_propagation
+from mtdl_fast.research.stgu import SelectiveGroupUpdates, grouping_similarity, groups_from_labels
 
 K, B, D_IN, HIDDEN, CLASSES = 4, 8, 3, 5, 2
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mtdl_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mtdl_fast.cli import main
-from mtdl_fast.trainer import RunConfig, run
+from mtdl_fast.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mtdl_fast.app.cli import main
+from mtdl_fast.app.trainer import RunConfig, run
 
 TINY = ["--tasks", "identity,rotate,brightness", "--steps", "6", "--batch-size", "16", "--image-size", "8",
         "--affinity-every", "2", "--checkpoint-every", "3", "--budget", "2", "--trunk", "mlp"]

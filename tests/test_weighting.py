@@ -1,4 +1,4 @@
-"""Task weighting strategies (mtdl_fast.weighting): each on a case whose answer is known by hand
+"""Task weighting strategies (mtdl_fast.research.weighting): each on a case whose answer is known by hand
 or from an independent computation (an explicit SVD for SVDReweighting), the `linear` contract,
 state-dict resumption, the factory and input validation."""
 import io
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtdl_fast.weighting import (
+from mtdl_fast.research.weighting import (
     WEIGHTINGS,
     DynamicWeightAverage,
     MinMax,

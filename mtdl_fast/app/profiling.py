@@ -24,7 +24,7 @@ def profile_steps(
     Returns (trace path, markdown table of per-phase wall time in ms).
     """
     import mtdl_fast as mf
-    from mtdl_fast import data
+    from mtdl_fast.app import data
     from mtdl_fast.engine import MTDLEngine
 
     if steps < 1:

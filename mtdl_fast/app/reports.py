@@ -5,7 +5,7 @@ The trainer collects its results into a dict of plain values (lists, numpy array
 (``FigureCanvasAgg`` attached explicitly; no pyplot, no display, and the process-wide backend is
 left alone), so rendering works on headless machines and inside notebooks alike.
 
-    from mtdl_fast.reports import write_report
+    from mtdl_fast.app.reports import write_report
     write_report("runs/exp1", {"names": names, "affinity": Z, "groups": {...}, ...})
 
 Files written to the run directory: ``report.md``, ``affinity.png``, ``accuracy.png`` (further

@@ -1,7 +1,7 @@
 """Affinity propagation (Frey & Dueck, "Clustering by Passing Messages Between Data Points",
 Science 315, 2007) on a precomputed similarity matrix, in numpy.
 
-The grouping step of Selective Task Group Updates (`mtdl_fast.stgu`) clusters a K x K task
+The grouping step of Selective Task Group Updates (`mtdl_fast.research.stgu`) clusters a K x K task
 affinity matrix with it every batch, so the number of groups is chosen by the data. The result is
 meant to equal `sklearn.cluster.AffinityPropagation(affinity="precomputed", random_state=0)` (see
 `affinity_propagation` for the points where behaviour had to be chosen); scikit-learn is not a

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mtdl_fast import distributed as dist_utils
-from mtdl_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mtdl_fast.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mtdl_fast.engine import MTDLEngine
 from mtdl_fast.tasks import DEFAULT_TASKS, DistributionTasks
 
@@ -91,7 +91,7 @@ class Dataset:
 
 def load_dataset(config: RunConfig) -> Dataset:
     """The configured dataset: digits (embedded), cifar10, npz (x, y arrays) or an image folder."""
-    from mtdl_fast import data
+    from mtdl_fast.app import data
 
     name = config.dataset
     if name == "digits":
@@ -147,7 +147,7 @@ def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> torc
 def build_engine(config: RunConfig, task_names: Sequence[str], data: Dataset, device: torch.device) -> MTDLEngine:
     """Model, optimizer, weighting and engine for one training run on `task_names`."""
     from mtdl_fast.models import build_model
-    from mtdl_fast.weighting import make_weighting
+    from mtdl_fast.research.weighting import make_weighting
 
     torch.manual_seed(config.seed)
     channels = data.x_train.shape[1]
@@ -340,7 +340,7 @@ def _train_subset(config: RunConfig, names: Sequence[str], data: Dataset, device
 def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None) -> dict:
     """The main job (see module docstring). Returns the results written to results.json."""
     from mtdl_fast.grouping import select_groups
-    from mtdl_fast.reports import write_report
+    from mtdl_fast.app.reports import write_report
 
     config.validate()
     device = dist_utils.init_from_env(resolve_device(config.device))

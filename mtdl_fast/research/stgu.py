@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtdl_fast.affinity_propagation import AffinityPropagationWarning, affinity_propagation
+from mtdl_fast.research.affinity_propagation import AffinityPropagationWarning, affinity_propagation
 
 __all__ = ["SelectiveGroupUpdates", "grouping_similarity", "groups_from_labels"]
 

@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def resolve_device(name: str):
     """'cpu', 'cuda' or 'cuda:N' -> torch.device; CLIError when unknown or without a GPU."""
-    from mtdl_fast.trainer import resolve_device as resolve
+    from mtdl_fast.app.trainer import resolve_device as resolve
 
     try:
         return resolve(name)
@@ -108,7 +108,7 @@ def resolve_device(name: str):
 
 
 def _repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def load_benchmark(name: str):
@@ -188,7 +188,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     import mtdl_fast as mf
-    from mtdl_fast import data
+    from mtdl_fast.app import data
 
     photos = data.load_sample_photos(64, 8, seed=0).to(device)
     tasks = mf.DistributionTasks(list(mf.tasks.DEFAULT_TASKS), seed=0)
@@ -216,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    from mtdl_fast.trainer import RunConfig
+    from mtdl_fast.app.trainer import RunConfig
 
     d = RunConfig()
     p.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>); never overwritten")
@@ -246,7 +246,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 def _config_from(args: argparse.Namespace):
     from mtdl_fast.ops import OPS
-    from mtdl_fast.trainer import RunConfig
+    from mtdl_fast.app.trainer import RunConfig
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for task in tasks:
@@ -298,8 +298,8 @@ def _on_rank0(decide: Callable[[], Any]) -> Any:
 @subcommand("run", help="the main job: train on distribution tasks, track affinity, select groups, evaluate",
             arguments=_run_args)
 def cmd_run(args: argparse.Namespace) -> int:
-    from mtdl_fast.checkpoint import CheckpointError
-    from mtdl_fast.trainer import run
+    from mtdl_fast.app.checkpoint import CheckpointError
+    from mtdl_fast.app.trainer import run
 
     config = _config_from(args)
     dist_utils.init_from_env(resolve_device(config.device))  # under torchrun: join its process group
@@ -366,9 +366,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mtdl_fast.checkpoint import CheckpointError, load_checkpoint
-    from mtdl_fast.reports import markdown_table
-    from mtdl_fast.trainer import (RunConfig, build_engine, check_run_checkpoint, evaluate, load_dataset,
+    from mtdl_fast.app.checkpoint import CheckpointError, load_checkpoint
+    from mtdl_fast.app.reports import markdown_table
+    from mtdl_fast.app.trainer import (RunConfig, build_engine, check_run_checkpoint, evaluate, load_dataset,
                                    load_engine_state)
 
     device = resolve_device(args.device)
@@ -506,7 +506,7 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
 @subcommand("profile", help="profile training steps with torch.profiler (Chrome trace + phase table)",
             arguments=_profile_args)
 def cmd_profile(args: argparse.Namespace) -> int:
-    from mtdl_fast.profiling import profile_steps
+    from mtdl_fast.app.profiling import profile_steps
 
     device = resolve_device(args.device)
     tasks = args.tasks.split(",") if args.tasks else None
