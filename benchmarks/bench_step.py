@@ -1,7 +1,7 @@
 """End-to-end MTDL training step: images/s of six ways to train K distribution tasks on one batch.
 
 K = 10 distribution tasks (``mf.DEFAULT_TASKS``), the model the trainer builds
-(``mf.models.build_model("hard", K, 10, 3, 32, trunk="resnet", width=RunConfig().width)``: a
+(``mf.research.conditioning.build_model("hard", K, 10, 3, 32, trunk="resnet", width=RunConfig().width)``: a
 SmallResNet trunk and K linear heads), 32x32 uint8 images (``data.load_sample_photos``), B = 256,
 float32, SGD with the trainer's learning rate and momentum, the model in train mode. Every variant
 starts from the same initial parameters (deep copies) and gets the same uint8 batch on the device;
@@ -139,7 +139,7 @@ def trainer_defaults() -> dict[str, Any]:
 
 def make_model(k: int, device: torch.device, seed: int = 0):
     """The trainer's hard-sharing model for K tasks at 32x32 (trunk, heads), on `device`, train mode."""
-    from mtdl_fast.models import build_model
+    from mtdl_fast.research.conditioning import build_model
 
     torch.manual_seed(seed)
     model = build_model("hard", k, NUM_CLASSES, 3, IMAGE_SIZE, trunk="resnet",

@@ -631,7 +631,7 @@ def _device_tables(spatial, ops, sp_h, ops_h, device):
 
 def _check_table(name: str, t, shape: tuple, dtype: torch.dtype) -> None:
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != dtype:
         raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
     if tuple(t.shape) != shape:
@@ -695,7 +695,7 @@ def fused_views(
     """
     # ---- x
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"x must have rank 4 (B, C, H, W), got rank {x.dim()} with shape {tuple(x.shape)}")
     B, C, H, W = (int(s) for s in x.shape)
@@ -746,7 +746,7 @@ def fused_views(
         out = torch.empty(shape, dtype=out_dtype, device=dev)
     else:
         if not isinstance(out, torch.Tensor):
-            raise ValueError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
         if tuple(out.shape) != shape:
             raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
         if out.dtype != out_dtype:
@@ -761,7 +761,7 @@ def fused_views(
     if any(s == 0.0 or not math.isfinite(s) for s in svals):
         raise ValueError(f"std must be finite and non-zero, got {svals[:C]}")
     if not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {type(seed).__name__}")
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     seed = seed % (1 << 63)
     if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")

@@ -206,7 +206,7 @@ def _new_buffer(shape: tuple, device: torch.device) -> torch.Tensor:
 
 def _validate(features, weight, bias, targets, reduction, ignore_index, dtypes) -> tuple:
     if not isinstance(features, torch.Tensor):
-        raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
     if features.dim() != 4:
         raise ValueError(f"features must have rank 4 (I, J, B, D), got rank {features.dim()} "
                          f"with shape {tuple(features.shape)}")
@@ -216,7 +216,7 @@ def _validate(features, weight, bias, targets, reduction, ignore_index, dtypes) 
         raise ValueError(f"features must have dtype in ({names}), got {features.dtype}")
     dev = features.device
     if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 3:
         raise ValueError(f"weight must have rank 3 (J, C, D), got rank {weight.dim()} "
                          f"with shape {tuple(weight.shape)}")
@@ -232,7 +232,7 @@ def _validate(features, weight, bias, targets, reduction, ignore_index, dtypes) 
         raise ValueError(f"weight must be on features' device {dev}, got {weight.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
-            raise ValueError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (J, C):
             raise ValueError(f"bias must have shape (J={J}, C={C}), got {tuple(bias.shape)}")
         if bias.dtype not in dtypes:
@@ -240,7 +240,7 @@ def _validate(features, weight, bias, targets, reduction, ignore_index, dtypes) 
         if bias.device != dev:
             raise ValueError(f"bias must be on features' device {dev}, got {bias.device}")
     if not isinstance(targets, torch.Tensor):
-        raise ValueError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if tuple(targets.shape) != (J, B):
         raise ValueError(f"targets must have shape (J={J}, B={B}), got {tuple(targets.shape)}")
     if targets.dtype != torch.int64:

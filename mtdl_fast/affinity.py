@@ -43,10 +43,10 @@ def _batch_stat_copy(module: nn.Module) -> nn.Module:
 class _Functional:
     """The trunk and the stacked heads as pure functions of their parameters."""
 
-    def __init__(self, shared: nn.Module, heads: Sequence[nn.Module], loss_fn: LossFn):
-        self.shared = shared
+    def __init__(self, trunk: nn.Module, heads: Sequence[nn.Module], loss_fn: LossFn):
+        self.trunk_module = trunk
         self.loss_fn = loss_fn
-        self.trainable = [n for n, p in shared.named_parameters() if p.requires_grad]
+        self.trainable = [n for n, p in trunk.named_parameters() if p.requires_grad]
         self.head_trainable = {n for n, p in heads[0].named_parameters() if p.requires_grad}
         self.head_template = copy.deepcopy(heads[0]).to("meta")
         self._bn_copy: nn.Module | None = None
@@ -63,11 +63,11 @@ class _Functional:
                 self.head_body = None
 
     def trunk(self) -> nn.Module:
-        if self.shared.training and _has_batch_norm(self.shared):
+        if self.trunk_module.training and _has_batch_norm(self.trunk_module):
             if self._bn_copy is None:
-                self._bn_copy = _batch_stat_copy(self.shared)
+                self._bn_copy = _batch_stat_copy(self.trunk_module)
             return self._bn_copy.train()
-        return self.shared
+        return self.trunk_module
 
     def head(self, training: bool) -> nn.Module:
         if training and _has_batch_norm(self.head_template):
@@ -77,13 +77,13 @@ class _Functional:
         return self.head_template.train(training)
 
     def shared_params(self) -> dict[str, torch.Tensor]:
-        named = dict(self.shared.named_parameters())
+        named = dict(self.trunk_module.named_parameters())
         return {n: named[n].detach() for n in self.trainable}
 
     def constants(self, trunk: nn.Module) -> dict[str, torch.Tensor]:
         """The original's frozen parameters, and its buffers that the called trunk still has."""
-        frozen = {n: p.detach() for n, p in self.shared.named_parameters() if not p.requires_grad}
-        buffers = dict(self.shared.named_buffers())
+        frozen = {n: p.detach() for n, p in self.trunk_module.named_parameters() if not p.requires_grad}
+        buffers = dict(self.trunk_module.named_buffers())
         return {**frozen, **{n: buffers[n] for n, _ in trunk.named_buffers()}}
 
 
@@ -91,7 +91,8 @@ class AffinityTracker:
     """Running TAG affinity between K tasks that share a trunk.
 
     Args:
-        shared: the trunk (an nn.Module); its trainable parameters are the shared parameters.
+        trunk: the trunk (an nn.Module); its trainable parameters are the shared parameters.
+            (`shared=` is its former keyword, still accepted with a FutureWarning.)
         heads: K task heads (same architecture; head j maps trunk(view_j) to task j's output).
         lr: lookahead step size (plain SGD). With `optimizer`, None means the optimizer's own lr.
         mode: "exact" (TAG's lookahead losses) or "first_order" (Z[i, j] ~= lr <g_i, g_j> / L_j
@@ -119,8 +120,8 @@ class AffinityTracker:
 
     def __init__(
         self,
-        shared: nn.Module,
-        heads: Sequence[nn.Module],
+        trunk: nn.Module | None = None,
+        heads: Sequence[nn.Module] | None = None,
         lr: float | None = None,
         mode: str = "exact",
         every: int = 1,
@@ -130,17 +131,26 @@ class AffinityTracker:
         fused_ce: bool | None = None,
         distributed: bool | None = None,
         memory_budget: int | None = None,
+        *,
+        shared: nn.Module | None = None,
     ):
-        if not isinstance(shared, nn.Module):
-            raise ValueError(f"shared must be an nn.Module, got {type(shared).__name__}")
+        if shared is not None:
+            if trunk is not None:
+                raise TypeError("pass the trunk once: trunk= (shared= is its former name)")
+            warnings.warn("AffinityTracker(shared=...) is now AffinityTracker(trunk=...)", FutureWarning, stacklevel=2)
+            trunk = shared
+        if heads is None:
+            raise TypeError("AffinityTracker needs heads: a sequence of K nn.Module")
+        if not isinstance(trunk, nn.Module):
+            raise TypeError(f"trunk must be an nn.Module, got {type(trunk).__name__}")
         heads = list(heads)
         if len(heads) < 1 or not all(isinstance(h, nn.Module) for h in heads):
             raise ValueError("heads must be a non-empty sequence of nn.Module")
         for k, head in enumerate(heads):
             if not any(p.requires_grad for p in head.parameters()):
                 raise ValueError(f"heads[{k}] has no trainable parameters")
-        if not any(p.requires_grad for p in shared.parameters()):
-            raise ValueError("shared has no trainable parameters")
+        if not any(p.requires_grad for p in trunk.parameters()):
+            raise ValueError("trunk has no trainable parameters")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if lr is None and optimizer is None:
@@ -156,7 +166,7 @@ class AffinityTracker:
         if decay is not None and not 0 < decay < 1:
             raise ValueError(f"decay must be in (0, 1) or None, got {decay}")
         check_optimizer(optimizer)
-        self.shared, self.heads = shared, heads
+        self.trunk, self.heads = trunk, heads
         self.lr, self.mode, self.every = lr, mode, every
         self.optimizer, self.chunk_size, self.decay = optimizer, chunk_size, decay
         self.memory_budget = memory_budget
@@ -182,7 +192,7 @@ class AffinityTracker:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget every accumulated step."""
-        device = next(self.shared.parameters()).device
+        device = next(self.trunk.parameters()).device
         k = self.num_tasks
         self._total = torch.zeros(k, k, dtype=torch.float64, device=device)
         self._count = torch.zeros(k, k, dtype=torch.int64, device=device)
@@ -252,7 +262,7 @@ class AffinityTracker:
         per_task = self._check(views, targets)
         if not self._homogeneous:
             z_naive, base, lookahead = naive_affinity(
-                self.shared, self.heads, views, targets, self.lr, loss_fn, self.optimizer, per_task
+                self.trunk, self.heads, views, targets, self.lr, loss_fn, self.optimizer, per_task
             )
         elif self.mode == "exact":
             base, lookahead = self._exact(views, targets, per_task, loss_fn)
@@ -282,7 +292,7 @@ class AffinityTracker:
 
     def _model(self, loss_fn: LossFn) -> _Functional:
         if self._functional is None or self._functional.loss_fn is not loss_fn:
-            self._functional = _Functional(self.shared, self.heads, loss_fn)
+            self._functional = _Functional(self.trunk, self.heads, loss_fn)
         return self._functional
 
     def _task_grads(self, views, targets, per_task, loss_fn):
@@ -335,7 +345,7 @@ class AffinityTracker:
         shared_grads, head_grads = grads
         self.last_losses, self.last_task_grads = base, {"shared": shared_grads, "heads": head_grads}
         names = list(sp)
-        params = dict(self.shared.named_parameters())  # the real tensors: the optimizer's state is keyed by them
+        params = dict(self.trunk.named_parameters())  # the real tensors: the optimizer's state is keyed by them
         new = preview_update([params[n] for n in names], [shared_grads[n] for n in names], self.optimizer, self.lr)
         sources = dict(zip(names, new))
         y_dim = 0 if per_task else None
@@ -459,7 +469,7 @@ class AffinityTracker:
         w = torch.ones(self.num_tasks, device=device) if weights is None else torch.as_tensor(weights, device=device)
         if w.shape != (self.num_tasks,):
             raise ValueError(f"weights must have shape ({self.num_tasks},), got {tuple(w.shape)}")
-        named = dict(self.shared.named_parameters())
+        named = dict(self.trunk.named_parameters())
         for name, g in self.last_task_grads["shared"].items():
             _add_grad(named[name], torch.tensordot(w.to(g.dtype), g, dims=1))
         for k, head in enumerate(self.heads):

@@ -23,6 +23,9 @@ from mtdl_fast import distributed as dist_utils
 from mtdl_fast.affinity import AffinityTracker, _has_batch_norm
 from mtdl_fast.lookahead import LossFn
 from mtdl_fast.tasks import DistributionTasks
+from mtdl_fast.weighting import Sum
+
+_GROUP_UPDATE_API = ("step", "state_dict", "load_state_dict")
 
 
 class MTDLEngine:
@@ -41,10 +44,11 @@ class MTDLEngine:
         chunk_size, decay: passed to the AffinityTracker.
         skip_nonfinite: skip (and count) an optimizer step whose loss is not finite. This reads the
             loss on the host once per step; pass False for a step without host synchronisation.
-        strategy: "joint" (one step on the weighted sum of the task losses) or "stgu" (Selective
-            Task Group Updates: groups stepped one after another on each batch, regrouped from
-            proximal affinity after `stgu_warmup` steps; the weighting does not apply).
-        stgu_warmup, stgu_decay: SelectiveGroupUpdates' warm-up iterations and EMA decay.
+        strategy: "joint" (one step on the weighted sum of the task losses) or a group-update
+            strategy that steps the model itself on each batch, e.g.
+            `mtdl_fast.research.stgu.SelectiveGroupUpdates(trunk, heads, optimizer)` (Selective
+            Task Group Updates): an object with `step(views, targets) -> {"losses": (K,), "groups":
+            ...}`, `state_dict()` and `load_state_dict()`. The weighting does not apply then.
         distributed: average gradients, losses and affinity over the ranks of torch.distributed's
             default process group; None (default): when one of more than one rank is initialised.
         ddp_kwargs: extra DistributedDataParallel arguments (e.g. {"bucket_cap_mb": 50}).
@@ -65,17 +69,14 @@ class MTDLEngine:
         chunk_size: int | str | None = "auto",
         decay: float | None = None,
         skip_nonfinite: bool = True,
-        strategy: str = "joint",
-        stgu_warmup: int = 100,
-        stgu_decay: float = 1e-3,
+        strategy: str | object = "joint",
         distributed: bool | None = None,
         ddp_kwargs: dict | None = None,
     ):
-        from mtdl_fast.research.stgu import SelectiveGroupUpdates
-        from mtdl_fast.research.weighting import Sum
-
-        if strategy not in ("joint", "stgu"):
-            raise ValueError(f"strategy must be 'joint' or 'stgu', got {strategy!r}")
+        group_updates = None if isinstance(strategy, str) and strategy == "joint" else strategy
+        if group_updates is not None and not all(hasattr(group_updates, a) for a in _GROUP_UPDATE_API):
+            raise ValueError(f"strategy must be 'joint' or an object with {', '.join(_GROUP_UPDATE_API)} "
+                             f"(e.g. mtdl_fast.research.stgu.SelectiveGroupUpdates), got {strategy!r}")
         heads = nn.ModuleList(heads) if not isinstance(heads, nn.ModuleList) else heads
         if len(heads) != len(tasks):
             raise ValueError(f"heads has {len(heads)} modules but tasks defines {len(tasks)} distributions")
@@ -88,8 +89,8 @@ class MTDLEngine:
         self.affinity_every = affinity_every
         self.skip_nonfinite = skip_nonfinite
         self.distributed = dist_utils.is_distributed() if distributed is None else bool(distributed)
-        if self.distributed and strategy == "stgu":
-            raise ValueError("strategy='stgu' runs in one process; use strategy='joint' under torch.distributed")
+        if self.distributed and group_updates is not None:
+            raise ValueError("a group-update strategy runs in one process; use strategy='joint' under torch.distributed")
         self._loss_module = _StepLoss(trunk, heads, self.weighting, loss_fn)
         self._forward: nn.Module = self._loss_module
         if self.distributed:
@@ -105,10 +106,7 @@ class MTDLEngine:
                 optimizer=optimizer if affinity_lr is None else None, chunk_size=chunk_size, decay=decay,
                 distributed=self.distributed,
             )
-        self.stgu = None
-        if strategy == "stgu":
-            self.stgu = SelectiveGroupUpdates(trunk, heads, optimizer, decay=stgu_decay, warmup=stgu_warmup,
-                                              loss_fn=loss_fn, generator=torch.Generator().manual_seed(0))
+        self.group_updates = group_updates
         self.step_count = 0
         self.skipped_steps = 0
 
@@ -152,10 +150,10 @@ class MTDLEngine:
         """`step` on precomputed views (K, B, ...)."""
         track = self.track_now()
         self.step_count += 1
-        if self.stgu is not None:
+        if self.group_updates is not None:
             with record_function("affinity"):
                 z = self.tracker.step(views, targets, self.loss_fn) if track else None
-            out = self.stgu.step(views, targets)
+            out = self.group_updates.step(views, targets)
             losses = out["losses"].detach()
             info = {"losses": losses, "weights": None, "affinity": z, "skipped": None, "groups": out["groups"]}
             return losses.sum(), info
@@ -243,7 +241,7 @@ class MTDLEngine:
             "weighting": self.weighting.state_dict(),
             "tasks": self.tasks.state_dict(),
             "tracker": None if self.tracker is None else self.tracker.state_dict(),
-            "stgu": None if self.stgu is None else self.stgu.state_dict(),
+            "group_updates": None if self.group_updates is None else self.group_updates.state_dict(),
             "step_count": self.step_count,
             "skipped_steps": self.skipped_steps,
         }
@@ -256,8 +254,8 @@ class MTDLEngine:
         self.tasks.load_state_dict(state["tasks"])
         if self.tracker is not None and state.get("tracker") is not None:
             self.tracker.load_state_dict(state["tracker"])
-        if self.stgu is not None and state.get("stgu") is not None:
-            self.stgu.load_state_dict(state["stgu"])
+        if self.group_updates is not None and state.get("group_updates") is not None:
+            self.group_updates.load_state_dict(state["group_updates"])
         self.step_count = int(state["step_count"])
         self.skipped_steps = int(state["skipped_steps"])
 

@@ -162,7 +162,7 @@ def _as_matrix(affinity: Any, name: str = "affinity") -> np.ndarray:
 
 def _check_budget(budget: Any) -> int:
     if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, np.integer)):
-        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
+        raise TypeError(f"budget must be an int >= 1, got {budget!r}")
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget}")
     return int(budget)

@@ -28,7 +28,7 @@ def check_optimizer(optimizer: torch.optim.Optimizer | None) -> None:
     if optimizer is None:
         return
     if not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
-        raise ValueError(
+        raise TypeError(
             f"optimizer must be torch.optim.SGD, Adam or AdamW for the lookahead preview, got {type(optimizer).__name__}"
         )
     for group in optimizer.param_groups:
@@ -131,7 +131,7 @@ class _Restore:
 
 
 def naive_affinity(
-    shared: nn.Module,
+    trunk: nn.Module,
     heads: Sequence[nn.Module],
     views: torch.Tensor,
     targets: torch.Tensor,
@@ -143,7 +143,7 @@ def naive_affinity(
     """TAG's lookahead affinity by the plain loop (the reference).
 
     Args:
-        shared: the trunk; its trainable parameters are the shared parameters theta_s.
+        trunk: the trunk; its trainable parameters are the shared parameters theta_s.
         heads: K task heads; head j maps trunk(view_j) to task j's prediction.
         views: (K, B, ...) one input batch per task.
         targets: (B,) shared by all tasks, or (K, B, ...) per task when `per_task_targets`
@@ -157,9 +157,9 @@ def naive_affinity(
     k_tasks = len(heads)
     per_task = per_task_targets if per_task_targets is not None else targets.ndim >= 2 and targets.shape[0] == k_tasks
     tgt = [targets[j] if per_task else targets for j in range(k_tasks)]
-    params = [p for p in shared.parameters() if p.requires_grad]
-    with _Restore([shared, *heads]):
-        base = [loss_fn(heads[j](shared(views[j])), tgt[j]) for j in range(k_tasks)]
+    params = [p for p in trunk.parameters() if p.requires_grad]
+    with _Restore([trunk, *heads]):
+        base = [loss_fn(heads[j](trunk(views[j])), tgt[j]) for j in range(k_tasks)]
         grads = [torch.autograd.grad(base[i], params, retain_graph=True) for i in range(k_tasks)]
         base_t = torch.stack([b.detach() for b in base]).double()
         lookahead = torch.empty(k_tasks, k_tasks, dtype=torch.float64, device=views.device)
@@ -170,7 +170,7 @@ def naive_affinity(
                 for p, v in zip(params, new):
                     p.copy_(v[0])
                 for j in range(k_tasks):
-                    lookahead[i, j] = loss_fn(heads[j](shared(views[j])), tgt[j]).double()
+                    lookahead[i, j] = loss_fn(heads[j](trunk(views[j])), tgt[j]).double()
                 for p, v in zip(params, originals):
                     p.copy_(v)
     return 1.0 - lookahead / base_t[None, :], base_t, lookahead

@@ -61,7 +61,7 @@ def _pick(backend: str, device: torch.device):
 
 def _check_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
 
 
@@ -81,7 +81,7 @@ def _check_decay(decay: object) -> float | None:
     if decay is None:
         return None
     if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-        raise ValueError(f"decay must be None or a float in (0, 1), got {decay!r}")
+        raise TypeError(f"decay must be None or a float in (0, 1), got {decay!r}")
     d = float(decay)
     if not 0.0 < d < 1.0:  # also rejects NaN
         raise ValueError(f"decay must be in (0, 1), got {decay!r}")

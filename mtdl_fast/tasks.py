@@ -255,7 +255,7 @@ class DistributionTasks(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 4:
             raise ValueError(f"x must have shape (B, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] not in (1, 3):
@@ -273,7 +273,7 @@ class DistributionTasks(nn.Module):
 
     def _check_params(self, x: torch.Tensor, params: TaskParams) -> None:
         if not isinstance(params, TaskParams):
-            raise ValueError(f"params must be a TaskParams from sample(), got {type(params).__name__}")
+            raise TypeError(f"params must be a TaskParams from sample(), got {type(params).__name__}")
         if len(params.views) != len(self) or any(len(v) != len(s.ops) for v, s in zip(params.views, self.specs)):
             raise ValueError(f"params were sampled for other tasks ({len(params.views)} views), these have {len(self)}")
         if params.batch_size != x.shape[0]:

@@ -353,7 +353,7 @@ def test_bad_input_is_named():
         AffinityTracker(trunk, [heads[0], nn.ReLU(), heads[2]], lr=0.1)
     with pytest.raises(ValueError, match="decay"):
         AffinityTracker(trunk, heads, lr=0.1, decay=1.5)
-    with pytest.raises(ValueError, match="optimizer"):
+    with pytest.raises(TypeError, match="optimizer"):
         AffinityTracker(trunk, heads, optimizer=torch.optim.RMSprop(trunk.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="chunk_size must .* got 'big'"):
         AffinityTracker(trunk, heads, lr=0.1, chunk_size="big")

@@ -10,6 +10,7 @@ from torch import nn
 
 import mtdl_fast as mf
 from mtdl_fast.engine import MTDLEngine
+from mtdl_fast.research.stgu import SelectiveGroupUpdates
 from mtdl_fast.research.weighting import Static
 
 K, B = 3, 8
@@ -101,7 +102,8 @@ def test_stgu_strategy_trains_regroups_and_resumes_exactly():
     heads = nn.ModuleList(nn.Linear(6, 5) for _ in range(K)).double()
     opt = torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.1)
     tasks = mf.DistributionTasks(["identity", "rotate", "brightness"], seed=0, backend="torch", out_dtype=torch.float64)
-    engine = MTDLEngine(tasks, trunk, heads, opt, affinity_every=2, strategy="stgu", stgu_warmup=2)
+    stgu = SelectiveGroupUpdates(trunk, heads, opt, warmup=2, generator=torch.Generator().manual_seed(0))
+    engine = MTDLEngine(tasks, trunk, heads, opt, affinity_every=2, strategy=stgu)
     before = state(engine.trunk)
     for step in range(3):
         loss, info = engine.step(*batch(step))

@@ -11,19 +11,16 @@ from torch.func import stack_module_state
 
 from mtdl_fast.affinity import AffinityTracker
 from mtdl_fast.lookahead import naive_affinity
-from mtdl_fast.models import (
+from mtdl_fast.models import MLPTrunk, MultiTaskModel, SmallResNet, linear_heads
+from mtdl_fast.research.conditioning import (
     FiLM,
-    MLPTrunk,
     MODEL_KINDS,
     ConditionedHead,
     ConditionedModel,
     MultiplicativeGating,
-    MultiTaskModel,
     OneHotConcat,
-    SmallResNet,
     TaskMoE,
     build_model,
-    linear_heads,
 )
 
 K, B, CLASSES = 3, 4, 5
@@ -321,13 +318,13 @@ def test_bad_inputs():
         ConditionedHead(model.head, K)
     with pytest.raises(ValueError, match="num_tasks"):
         ConditionedHead(model.head, 0, num_tasks=K + 1)
-    with pytest.raises(ValueError, match="conditioned"):
+    with pytest.raises(TypeError, match="conditioned"):
         ConditionedHead(nn.Linear(3, 3), 0)
-    with pytest.raises(ValueError, match="head"):
+    with pytest.raises(TypeError, match="head"):
         ConditionedModel(model.trunk, nn.Linear(3, 3))
     with pytest.raises(ValueError, match="heads"):
         MultiTaskModel(model.trunk, [])
-    with pytest.raises(ValueError, match="trunk"):
+    with pytest.raises(TypeError, match="trunk"):
         MultiTaskModel(lambda x: x, linear_heads(K, 4, CLASSES))
     with pytest.raises(ValueError, match="num_tasks"):
         FiLM(4, 0, CLASSES)

@@ -388,8 +388,6 @@ def test_uniform_sampling_bad_arguments():
     for bad in (0, 4):
         with pytest.raises(ValueError, match="num_sampled"):
             UniformTaskSampling(3, num_sampled=bad)
-    with pytest.raises(ValueError, match="generator"):
-        UniformTaskSampling(3, generator="seed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +527,6 @@ def test_losses_shape_is_checked(name):
         (lambda: DynamicWeightAverage(3, temperature=0.0), "temperature"),
         (lambda: DynamicWeightAverage(3, period=0), "period"),
         (lambda: Sum(0), "num_tasks"),
-        (lambda: Sum(2.5), "num_tasks"),
         (lambda: SVDReweighting(3, rank=-1), "rank"),
         (lambda: UncertaintyWeighting(3, init_log_var=float("inf")), "init_log_var"),
     ],
@@ -537,6 +534,13 @@ def test_losses_shape_is_checked(name):
 def test_bad_arguments_raise(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_arguments_of_the_wrong_type_raise_type_error():
+    with pytest.raises(TypeError, match="num_tasks"):
+        Sum(2.5)
+    with pytest.raises(TypeError, match="generator"):
+        UniformTaskSampling(3, generator="seed")
 
 
 def test_weights_dtype_and_device_follow_losses():

@@ -146,7 +146,8 @@ def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> torc
 
 def build_engine(config: RunConfig, task_names: Sequence[str], data: Dataset, device: torch.device) -> MTDLEngine:
     """Model, optimizer, weighting and engine for one training run on `task_names`."""
-    from mtdl_fast.models import build_model
+    from mtdl_fast.research.conditioning import build_model
+    from mtdl_fast.research.stgu import SelectiveGroupUpdates
     from mtdl_fast.research.weighting import make_weighting
 
     torch.manual_seed(config.seed)
@@ -157,10 +158,13 @@ def build_engine(config: RunConfig, task_names: Sequence[str], data: Dataset, de
     params = [*model.parameters(), *weighting.parameters()]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
     tasks = DistributionTasks(list(task_names), seed=dist_utils.rank_seed(config.seed))
+    strategy: str | SelectiveGroupUpdates = config.strategy
+    if config.strategy == "stgu":  # warm-up: a quarter of the run
+        strategy = SelectiveGroupUpdates(model.trunk, model.heads, optimizer, warmup=max(1, total_steps(config, data) // 4),
+                                         generator=torch.Generator().manual_seed(0))
     return MTDLEngine(tasks, model.trunk, model.heads, optimizer, weighting=weighting,
                       affinity_every=config.affinity_every if len(task_names) > 1 else None,
-                      affinity_mode=config.affinity_mode, strategy=config.strategy,
-                      stgu_warmup=max(1, total_steps(config, data) // 4))
+                      affinity_mode=config.affinity_mode, strategy=strategy)
 
 
 def total_steps(config: RunConfig, data: Dataset) -> int:
@@ -379,8 +383,9 @@ def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None
     np.save(out / "affinity.npy", affinity)
     np.savetxt(out / "affinity.csv", affinity, delimiter=",", header=",".join(names), comments="")
     (out / "groups.json").write_text(json.dumps(group_record, indent=2) + "\n")
-    if engine.stgu is not None:
-        (out / "stgu.json").write_text(json.dumps({"groups": engine.stgu.groups, "names": names}, indent=2) + "\n")
+    if engine.group_updates is not None:
+        groups = engine.group_updates.groups
+        (out / "stgu.json").write_text(json.dumps({"groups": groups, "names": names}, indent=2) + "\n")
     results = {
         "names": names,
         "config": dataclasses.asdict(config),

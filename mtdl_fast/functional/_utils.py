@@ -17,7 +17,7 @@ Param = Union[float, int, torch.Tensor]
 def check_image(image: torch.Tensor, name: str = "image") -> None:
     """Raise ValueError unless `image` is a (..., C, H, W) uint8 or floating tensor with C in {1, 3}."""
     if not isinstance(image, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(image).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(image).__name__}")
     if image.ndim < 3:
         raise ValueError(f"{name} must have shape (..., C, H, W), got shape {tuple(image.shape)}")
     if image.shape[-3] not in (1, 3):

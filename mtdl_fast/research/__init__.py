@@ -1,2 +1,3 @@
-"""Optional research pieces built on the engine core: loss weightings, Selective Task Group
-Updates and its clustering."""
+"""Optional research pieces built on the engine core (they import the core, never the reverse):
+loss weightings (`weighting`), task-conditioned models (`conditioning`) and Selective Task Group
+Updates (`stgu`)."""

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtdl_fast.research.affinity_propagation import AffinityPropagationWarning, affinity_propagation
 
-__all__ = ["SelectiveGroupUpdates", "grouping_similarity", "groups_from_labels"]
+__all__ = ["SelectiveGroupUpdates", "affinity_propagation_labels", "grouping_similarity", "groups_from_labels"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,6 +56,20 @@ def grouping_similarity(affinity: torch.Tensor | np.ndarray) -> np.ndarray:
     return (normalised + normalised.T) / 2
 
 
+def affinity_propagation_labels(similarity: np.ndarray, preference: float | None, damping: float) -> np.ndarray:
+    """scikit-learn's affinity propagation (Frey & Dueck, Science 2007) on a precomputed (K, K)
+    similarity: one cluster label per task, all -1 when it did not converge."""
+    from sklearn.cluster import AffinityPropagation
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        # all-equal similarities (e.g. an untouched affinity matrix) are an expected input here
+        warnings.filterwarnings("ignore", "All samples have mutually equal similarities")
+        model = AffinityPropagation(affinity="precomputed", damping=damping, preference=preference, random_state=0)
+        return model.fit(similarity).labels_
+
+
 def groups_from_labels(labels: Sequence[int] | np.ndarray) -> list[list[int]]:
     """Cluster labels -> groups: sorted lists of task indices, ordered by their smallest task."""
     members: dict[int, list[int]] = {}
@@ -75,7 +88,7 @@ class SelectiveGroupUpdates:
     One `step(views, targets)` on one batch:
 
     1. Groups. During the first `warmup` iterations all tasks form one group. From then on, at
-       the start of every iteration, the groups are re-formed by `affinity_propagation` (with
+       the start of every iteration, the groups are re-formed by `affinity_propagation_labels` (scikit-learn, with
        `preference` and `damping`) on `grouping_similarity(affinity)`: the column-normalised,
        symmetrised affinity matrix. If affinity propagation finds no exemplar (it did not
        converge), the previous groups are kept.
@@ -84,7 +97,7 @@ class SelectiveGroupUpdates:
        gradients, backward of G's summed loss from the latest forward f_{m-1}, optimizer.step(),
        and a fresh forward f_m of every task (the last one, f_M, without autograd). Parameters
        that G's loss does not reach (other tasks' heads) get no gradient, so the optimizer leaves
-       them alone. Task k's loss is `loss_fn(heads[k](shared(views[k])), targets_k)`.
+       them alone. Task k's loss is `loss_fn(heads[k](trunk(views[k])), targets_k)`.
     4. Proximal inter-task affinity. The step of G is exactly what happened between f_{m-1} and
        f_m, so its effect on every task t is credited to G (not to the group updated next, the
        off-by-one of the public code):
@@ -125,7 +138,7 @@ class SelectiveGroupUpdates:
     weight gradient).
 
     Args:
-        shared: the trunk, (B, ...) -> (B, D) features.
+        trunk: the trunk, (B, ...) -> (B, D) features.
         heads: K task heads; head k reads the features of view k.
         optimizer: steps every parameter that should train (trunk and heads).
         decay: EMA weight of a new measurement, in (0, 1) (1e-3 in the paper's configs).
@@ -139,7 +152,7 @@ class SelectiveGroupUpdates:
 
     def __init__(
         self,
-        shared: nn.Module,
+        trunk: nn.Module,
         heads: Sequence[nn.Module],
         optimizer: torch.optim.Optimizer,
         decay: float = 1e-3,
@@ -149,28 +162,28 @@ class SelectiveGroupUpdates:
         generator: torch.Generator | None = None,
         preference: float | None = None,
     ):
-        if not isinstance(shared, nn.Module):
-            raise ValueError(f"shared must be an nn.Module, got {type(shared).__name__}")
+        if not isinstance(trunk, nn.Module):
+            raise TypeError(f"trunk must be an nn.Module, got {type(trunk).__name__}")
         if isinstance(heads, nn.Module) and not isinstance(heads, (nn.ModuleList, nn.Sequential)):
             raise ValueError("heads must be a sequence of nn.Module, got a single module")
         heads = list(heads)
         if not heads or not all(isinstance(h, nn.Module) for h in heads):
             raise ValueError("heads must be a non-empty sequence of nn.Module")
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not _is_real(decay) or not 0.0 < float(decay) < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
         if not callable(loss_fn):
-            raise ValueError("loss_fn must be callable")
+            raise TypeError("loss_fn must be callable")
         if not _is_real(damping) or not 0.5 <= float(damping) < 1.0:
             raise ValueError(f"damping must be in [0.5, 1), got {damping!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if preference is not None and (not _is_real(preference) or not math.isfinite(preference)):
             raise ValueError(f"preference must be a finite number or None, got {preference!r}")
-        self.shared, self.heads, self.optimizer = shared, heads, optimizer
+        self.trunk, self.heads, self.optimizer = trunk, heads, optimizer
         self.decay, self.warmup, self.loss_fn = float(decay), int(warmup), loss_fn
         self.damping, self.preference = float(damping), preference
         if generator is None:
@@ -295,10 +308,7 @@ class SelectiveGroupUpdates:
     def _schedule(self) -> list[list[int]]:
         if self._iteration < self.warmup:
             return [list(range(self.num_tasks))]
-        similarity = grouping_similarity(self._affinity)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AffinityPropagationWarning)
-            labels = affinity_propagation(similarity, preference=self.preference, damping=self.damping)
+        labels = affinity_propagation_labels(grouping_similarity(self._affinity), self.preference, self.damping)
         if (labels < 0).any():
             return self.groups
         return groups_from_labels(labels)
@@ -306,7 +316,7 @@ class SelectiveGroupUpdates:
     def _losses(self, views: torch.Tensor, targets: torch.Tensor, per_task: bool) -> list[torch.Tensor]:
         """The K task losses as separate scalars (separate graphs)."""
         return [
-            self.loss_fn(self.heads[j](self.shared(views[j])), targets[j] if per_task else targets).reshape(())
+            self.loss_fn(self.heads[j](self.trunk(views[j])), targets[j] if per_task else targets).reshape(())
             for j in range(self.num_tasks)
         ]
 

@@ -35,6 +35,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from mtdl_fast.weighting import Sum, Weighting, _check_count, _weight_dtype
+
 __all__ = [
     "DynamicWeightAverage",
     "MinMax",
@@ -53,96 +55,13 @@ __all__ = [
 # validation helpers
 
 
-def _check_count(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
-
-
 def _check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise TypeError(f"{name} must be a positive finite number, got {value!r}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return value
-
-
-def _weight_dtype(losses: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(losses.dtype, torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# base class
-
-
-class Weighting(nn.Module):
-    """Base class: K per-task losses -> weights (K,) and a scalar training loss.
-
-    Subclasses implement ``_weights(losses, **context)`` (detached (K,) weights) and, when the
-    combination is not the weighted sum, ``forward``. ``context`` may carry ``features``
-    ((K, B, D) trunk features of each task's view, detached) and ``targets`` ((B,) or (K, B));
-    strategies that do not use them ignore them.
-    """
-
-    #: True when forward(losses) == (weights(losses) * losses).sum() exactly (see module docs).
-    linear: bool = True
-
-    def __init__(self, num_tasks: int) -> None:
-        super().__init__()
-        self.num_tasks = _check_count("num_tasks", num_tasks)
-        self.last_weights: torch.Tensor | None = None
-
-    # -- input checks --------------------------------------------------------------------------
-    def _check_losses(self, losses: Any, name: str = "losses") -> torch.Tensor:
-        if not isinstance(losses, torch.Tensor):
-            raise ValueError(
-                f"{name} must be a torch.Tensor of shape ({self.num_tasks},), got {type(losses).__name__}"
-            )
-        if losses.ndim != 1 or losses.shape[0] != self.num_tasks:
-            raise ValueError(
-                f"{name} must have shape (num_tasks,) = ({self.num_tasks},), got {tuple(losses.shape)}"
-            )
-        if not losses.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {losses.dtype}")
-        return losses
-
-    # -- the two views -------------------------------------------------------------------------
-    def _weights(self, losses: torch.Tensor, **context: Any) -> torch.Tensor:
-        raise NotImplementedError
-
-    def weights(self, losses: torch.Tensor, **context: Any) -> torch.Tensor:
-        """(K,) detached weights of this step, on ``losses.device``."""
-        losses = self._check_losses(losses)
-        with torch.no_grad():
-            w = self._weights(losses.detach(), **context)
-        w = w.to(device=losses.device, dtype=_weight_dtype(losses), copy=True).detach()
-        self.last_weights = w
-        return w
-
-    def forward(self, losses: torch.Tensor, **context: Any) -> torch.Tensor:
-        """Scalar training loss; for linear strategies ``(weights(losses) * losses).sum()``."""
-        w = self.weights(losses, **context)
-        return (w * losses).sum()
-
-    def step_end(self, losses: torch.Tensor) -> None:
-        """Bookkeeping after an optimizer step (e.g. DWA's loss history). Default: nothing."""
-        self._check_losses(losses)
-
-
-# ---------------------------------------------------------------------------------------------
-# fixed weights
-
-
-class Sum(Weighting):
-    """Equal weighting: total = sum_k L_k, weights 1."""
-
-    def _weights(self, losses, **context):
-        return torch.ones(self.num_tasks, device=losses.device, dtype=_weight_dtype(losses))
 
 
 class Static(Weighting):
@@ -424,7 +343,7 @@ class SVDReweighting(Weighting):
         if self.center:
             x = x - x.mean(dim=1, keepdim=True)
         if not isinstance(targets, torch.Tensor):
-            raise ValueError(f"targets must be a tensor, got {type(targets).__name__}")
+            raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
         y = targets.detach().to(x.device)
         if y.is_floating_point():
             if y.ndim == 1:  # (B,): one real label per image, shared by the views
@@ -523,7 +442,7 @@ class UniformTaskSampling(Weighting):
         elif isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
             generator = torch.Generator().manual_seed(int(generator))
         elif not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")
+            raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")
         self.generator = generator
 
     def sample(self) -> torch.Tensor:
