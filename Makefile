@@ -9,14 +9,13 @@ STAMP     := $(VENV)/.installed
 
 export CUDA_HOME
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
-$(STAMP): setup.py requirements.txt requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -r requirements-dev.txt
-	$(PIP) install -q --no-build-isolation -e .
+	$(PIP) install -q --no-build-isolation -e ".[app,dev]"
 	touch $@
 
 install: $(STAMP)
@@ -24,14 +23,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mtdl_fast run
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
-# The whole benchmark suite on this machine's GPU (else its CPU): benchmarks/results/<device>.json,
-# tables, plots, and README.md's performance section regenerated from every results file. Pass
-# options through BENCH_ARGS, e.g. `make bench BENCH_ARGS="--only step --threads 2"`.
-bench: $(STAMP)
-	$(PY) -m mtdl_fast bench $(BENCH_ARGS)
+test: lint
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf build *.egg-info mtdl_fast/_C*.so

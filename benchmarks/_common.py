@@ -22,11 +22,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
-
 from _format import fmt  # noqa: F401  (re-exported: the scripts call C.fmt)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

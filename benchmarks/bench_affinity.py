@@ -50,8 +50,9 @@ import copy
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -483,7 +484,7 @@ def _run(quick, dev, *, batch, tasks, budget_s, chunk_sizes, verbose) -> dict[st
     if bad:
         raise GuardError(f"batched exact Z differs from the naive loop's by {bad} > {GUARD_ATOL}: not timing it")
     guard["z_naive"] = z_ref.cpu().tolist()
-    log(f"[bench_affinity] guard passed: " + ", ".join(
+    log("[bench_affinity] guard passed: " + ", ".join(
         f"{n} max|dZ| {guard[f'max_abs_diff_{n}']:.2e}" for n in (EXACT, EXACT_NOFUSE) if f"max_abs_diff_{n}" in guard))
 
     # ---------------- step contenders

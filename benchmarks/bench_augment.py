@@ -39,9 +39,10 @@ import random
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -222,8 +223,7 @@ def build_torchvision_per_image(x: torch.Tensor, names: list[str] = BENCH_TASKS)
 
 def build_torchvision_batch(x: torch.Tensor, names: list[str] = BENCH_TASKS) -> Contender:
     try:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import v2
+        from torchvision.transforms import InterpolationMode, v2
     except Exception as err:  # noqa: BLE001
         raise Unavailable(f"torchvision.transforms.v2 not importable: {err}") from err
     b, c, h, w = x.shape

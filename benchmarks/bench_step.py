@@ -68,8 +68,9 @@ import math
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -173,8 +174,7 @@ class _RandomGaussianNoise:
 def torchvision_transforms(names: list[str], size: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     """torchvision.transforms.v2 random transforms equivalent to the mtdl-fast tasks (default ranges of
     mtdl_fast.ops; bilinear warps, fill 0), one per task; each call draws fresh parameters."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import v2
+    from torchvision.transforms import InterpolationMode, v2
 
     from mtdl_fast.ops import OPS
 

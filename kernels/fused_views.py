@@ -62,7 +62,7 @@ N_SLOTS = 32
 # --------------------------------------------------------------------------------------------------
 import contextlib  # noqa: E402  (imports follow the ABI header on purpose)
 import math  # noqa: E402
-from typing import Optional, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -660,10 +660,10 @@ def fused_views(
     *,
     seed: int = 0,
     out_dtype: torch.dtype = torch.float32,
-    mean: Optional[Sequence[float]] = None,
-    std: Optional[Sequence[float]] = None,
-    out: Optional[torch.Tensor] = None,
-    block_size: Optional[int] = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    out: torch.Tensor | None = None,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """All K views of a batch in one fused launch (plus a small pre-pass when a view has OP_CONTRAST).
 

@@ -39,8 +39,6 @@ require grad; use the twin if a gradient is ever needed).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -271,7 +269,7 @@ def _reduce(row_or_block_sums: torch.Tensor, targets: torch.Tensor, ignore_index
     return total / count                                                  # 0 / 0 = NaN like torch
 
 
-def lookahead_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def lookahead_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             targets: torch.Tensor, *, reduction: str = "mean",
                             ignore_index: int = -100) -> torch.Tensor:
     """Fused ``CE(features[i, j] @ weight[j].T + bias[j], targets[j])`` for every (i, j); forward only.
@@ -334,7 +332,7 @@ def lookahead_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias: 
     return out if per_row else _reduce(out, targets, ignore_index, reduction)
 
 
-def lookahead_cross_entropy_torch(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def lookahead_cross_entropy_torch(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                   targets: torch.Tensor, *, reduction: str = "mean",
                                   ignore_index: int = -100) -> torch.Tensor:
     """Plain-PyTorch twin of :func:`lookahead_cross_entropy` (it defines the meaning; any device).

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import record_function
 from torch.func import functional_call, grad_and_value, replace_all_batch_norm_modules_, stack_module_state, vmap
+from torch.profiler import record_function
 
 from mtdl_fast import distributed as dist_utils
 from mtdl_fast import reductions

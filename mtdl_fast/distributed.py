@@ -13,7 +13,8 @@ Every function here is a no-op, or the identity, in a single process.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

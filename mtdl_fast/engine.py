@@ -12,12 +12,12 @@ batch (BatchNorm statistics stay per rank, as under DDP).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-from torch.profiler import record_function
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from mtdl_fast import distributed as dist_utils
 from mtdl_fast.affinity import AffinityTracker, _has_batch_norm
@@ -90,7 +90,8 @@ class MTDLEngine:
         self.skip_nonfinite = skip_nonfinite
         self.distributed = dist_utils.is_distributed() if distributed is None else bool(distributed)
         if self.distributed and group_updates is not None:
-            raise ValueError("a group-update strategy runs in one process; use strategy='joint' under torch.distributed")
+            raise ValueError("a group-update strategy runs in one process; "
+                             "use strategy='joint' under torch.distributed")
         self._loss_module = _StepLoss(trunk, heads, self.weighting, loss_fn)
         self._forward: nn.Module = self._loss_module
         if self.distributed:

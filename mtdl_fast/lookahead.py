@@ -7,7 +7,7 @@ gradients at once, without touching the optimizer's state.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ def check_optimizer(optimizer: torch.optim.Optimizer | None) -> None:
         return
     if not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
         raise TypeError(
-            f"optimizer must be torch.optim.SGD, Adam or AdamW for the lookahead preview, got {type(optimizer).__name__}"
+            f"optimizer must be torch.optim.SGD, Adam or AdamW for the lookahead preview, "
+            f"got {type(optimizer).__name__}"
         )
     for group in optimizer.param_groups:
         if group.get("maximize", False):

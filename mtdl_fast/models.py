@@ -12,10 +12,9 @@ Task-conditioned heads (one head shared by all tasks) live in `mtdl_fast.researc
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -49,8 +48,10 @@ class SmallResNet(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 16, blocks: Sequence[int] = (1, 1, 1)):
         super().__init__()
         if in_channels < 1 or width < 1 or len(blocks) != 3 or min(blocks) < 1:
-            raise ValueError(f"SmallResNet needs in_channels, width >= 1 and 3 stage depths >= 1, got {in_channels}, {width}, {blocks}")
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+            raise ValueError(f"SmallResNet needs in_channels, width >= 1 and 3 stage depths >= 1, "
+                             f"got {in_channels}, {width}, {blocks}")
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
         layers, channels = [], width
         for stage, depth in enumerate(blocks):
             out_channels = width * 2**stage

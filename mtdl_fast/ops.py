@@ -8,14 +8,15 @@ on float32 images in [0, 1]; `mtdl_fast.tasks` converts once at the start of a v
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
-from mtdl_fast.kernels import fused_views as K
 from mtdl_fast.functional import color, geometry, misc
 from mtdl_fast.functional._utils import grayscale
+from mtdl_fast.kernels import fused_views as K
 
 Range = tuple[float, float]
 Params = dict[str, torch.Tensor]

@@ -9,8 +9,9 @@ scaled by 1/255 first, exactly like torchvision's `to_dtype(x, torch.float32, sc
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Union
 
 import torch
 from torch import nn
@@ -109,7 +110,7 @@ class TaskParams:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def to(self, device: torch.device | str) -> "TaskParams":
+    def to(self, device: torch.device | str) -> TaskParams:
         """A copy with every tensor on `device`."""
         views = [[{k: v.to(device) for k, v in p.items()} for p in view] for view in self.views]
         return TaskParams(views, self.batch_size, self.image_size, self.seed, torch.device(device))

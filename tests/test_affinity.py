@@ -159,7 +159,8 @@ def test_activation_estimate_counts_layer_outputs_and_touches_nothing():
     tracker = AffinityTracker(trunk, heads, lr=0.2)
     fm = tracker._model(F.cross_entropy)
     head = fm.head(True)
-    head_state = {n: torch.stack([dict(h.named_parameters())[n].detach() for h in heads]) for n, _ in heads[0].named_parameters()}
+    head_state = {n: torch.stack([dict(h.named_parameters())[n].detach() for h in heads])
+                  for n, _ in heads[0].named_parameters()}
     got = _activation_bytes(fm, fm.trunk(), head, fm.constants(fm.trunk()), fm.shared_params(), head_state, views[0])
     # input, then conv 5x7x7, BN, ReLU, conv 6x3x3, BN, ReLU, pool 6, flatten 6; head 7, 7, CLASSES
     per_image = 3 * 49 + 3 * 5 * 49 + 3 * 6 * 9 + 6 + 6 + 7 + 7 + CLASSES
@@ -243,7 +244,8 @@ def test_first_order_is_the_gradient_gram_estimate():
     params = [p for p in trunk.parameters()]
     losses = [F.cross_entropy(heads[j](trunk(views[j])), y) for j in range(K)]
     values = [float(loss.detach()) for loss in losses]
-    flat = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[i], params, retain_graph=True)]) for i in range(K)]
+    flat = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[i], params, retain_graph=True)])
+            for i in range(K)]
     want = torch.tensor([[lr * float(flat[i] @ flat[j]) / values[j] for j in range(K)] for i in range(K)],
                         dtype=torch.float64)
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-15)

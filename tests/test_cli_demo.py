@@ -1,5 +1,5 @@
-"""The `mtdl-fast demo` command: PNG of the views, quick benchmark, clean errors."""
-import json
+"""The `mtdl-fast demo` command: PNG of the views, their timing, clean errors."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ from mtdl_fast.app.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_quick_writes_png_and_benchmark(tmp_path, capsys):
+def test_demo_quick_writes_png_and_timing(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
 
@@ -31,15 +31,9 @@ def test_demo_quick_writes_png_and_benchmark(tmp_path, capsys):
         assert len(np.unique(grey)) > 50   # real pictures, not a blank canvas
 
     stdout = capsys.readouterr().out
-    assert "| config | contender |" in stdout
-    assert "mtdl-fast torch" in stdout and "torchvision per-image" in stdout
-
-    result = json.loads((out / "bench_augment.json").read_text())["augment"]
-    assert result["quick"] is True
-    cfg = result["configs"][0]
-    assert cfg["size"] == 32 and cfg["K"] == 10
-    assert cfg["contenders"]["mtdl-fast torch"]["status"] == "ok"
-    assert cfg["contenders"]["mtdl-fast torch"]["views_per_s"] > 0
+    timing = re.search(r"10 views of 32 images \(64, 64\) on cpu: ([0-9.]+) ms/call, ([0-9,]+) images/s", stdout)
+    assert timing is not None, stdout
+    assert float(timing.group(1)) > 0 and int(timing.group(2).replace(",", "")) > 0
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu"])

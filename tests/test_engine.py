@@ -22,7 +22,8 @@ def setup(seed: int = 0, affinity_every=None, weighting=None, momentum=0.9):
                           nn.Flatten()).double()
     heads = nn.ModuleList(nn.Linear(16, 5) for _ in range(K)).double()
     opt = torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.05, momentum=momentum)
-    tasks = mf.DistributionTasks(["identity", "rotate", "brightness"], seed=seed, backend="torch", out_dtype=torch.float64)
+    tasks = mf.DistributionTasks(["identity", "rotate", "brightness"], seed=seed, backend="torch",
+                                 out_dtype=torch.float64)
     engine = MTDLEngine(tasks, trunk, heads, opt, affinity_every=affinity_every, weighting=weighting)
     return engine
 

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import mtdl_fast as mf
-import mtdl_fast.engine as engine_module
 import mtdl_fast.app.trainer as trainer_module
+import mtdl_fast.engine as engine_module
 from mtdl_fast.app.checkpoint import MAGIC, CheckpointError, load_checkpoint, save_checkpoint
 from mtdl_fast.app.cli import main
-from mtdl_fast.engine import MTDLEngine
 from mtdl_fast.app.trainer import CHECKPOINT_FORMAT, RunConfig, run
+from mtdl_fast.engine import MTDLEngine
 from mtdl_fast.research.weighting import DynamicWeightAverage, Sum, UncertaintyWeighting
 
 ROOT = Path(__file__).resolve().parent.parent

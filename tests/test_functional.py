@@ -44,7 +44,7 @@ GEOMETRY_IDS = ["24x29-contig", "17x16-chlast"]
 # --------------------------------------------------------------------------------------------
 # Test images
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _photos() -> tuple[torch.Tensor, ...]:
     """sklearn's two sample photographs as (3, 427, 640) float32 tensors in 0..255."""
     from sklearn.datasets import load_sample_images
@@ -52,7 +52,7 @@ def _photos() -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(a.copy()).permute(2, 0, 1).float().contiguous() for a in load_sample_images().images)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits() -> torch.Tensor:
     """sklearn's handwritten digits as (N, 1, 8, 8) float32 in 0..255."""
     from sklearn.datasets import load_digits

@@ -18,7 +18,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import HAS_CUDA, requires_cuda
 
 try:

@@ -13,10 +13,10 @@ from mtdl_fast.affinity import AffinityTracker
 from mtdl_fast.lookahead import naive_affinity
 from mtdl_fast.models import MLPTrunk, MultiTaskModel, SmallResNet, linear_heads
 from mtdl_fast.research.conditioning import (
-    FiLM,
     MODEL_KINDS,
     ConditionedHead,
     ConditionedModel,
+    FiLM,
     MultiplicativeGating,
     OneHotConcat,
     TaskMoE,

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import requires_cuda
+
 from mtdl_fast import reductions as R
 from mtdl_fast._ext import ext
 

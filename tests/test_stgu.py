@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import AffinityPropagation
 from torch import nn
 
-from sklearn.cluster import AffinityPropagation
 from mtdl_fast.research.stgu import SelectiveGroupUpdates, grouping_similarity, groups_from_labels
 
 K, B, D_IN, HIDDEN, CLASSES = 4, 8, 3, 5, 2

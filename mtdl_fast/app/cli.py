@@ -18,11 +18,11 @@ Adding a command::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from mtdl_fast import distributed as dist_utils
 
@@ -107,28 +107,6 @@ def resolve_device(name: str):
         raise CLIError(str(err)) from err
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def load_benchmark(name: str):
-    """Import ``benchmarks/<name>.py`` of the source tree (editable installs); CLIError when absent."""
-    path = _repo_root() / "benchmarks" / f"{name}.py"
-    if not path.is_file():
-        raise CLIError(f"benchmark script {path} not found (the benchmarks ship with the source tree)")
-    bench_dir = str(path.parent)
-    if bench_dir not in sys.path:
-        sys.path.insert(0, bench_dir)
-    mod_name = f"_mtdl_fast_bench_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def save_view_grid(views, names: Sequence[str], path: Path, title: str | None = None) -> Path:
     """Save a PNG grid of views (K, B, C, H, W), float in [0, 1] (or uint8): rows = tasks, columns = images."""
     import torch
@@ -177,7 +155,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 @subcommand("demo", help="render the default distribution tasks on sample photos and time them",
             arguments=_demo_args)
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Views of 8 sample photos under the default tasks -> DIR/views.png; then the quick augment benchmark."""
+    """Views of 8 sample photos under the default tasks -> DIR/views.png; then their time per call."""
     device = resolve_device(args.device)
     out = Path(args.out)
     try:
@@ -198,16 +176,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          title=f"mtdl-fast: {len(tasks)} distribution tasks x {photos.shape[0]} sample photos")
     print(f"views: {tuple(views.shape)} {views.dtype} on {views.device} -> {png}")
 
-    bench = load_benchmark("bench_augment")
-    kwargs = {"batch": 8, "budget_s": 0.1} if args.quick else {}
-    try:
-        section = bench.run(quick=True, device=str(device), **kwargs)
-    except ValueError as err:
-        raise CLIError(str(err)) from err
-    print()
-    print(section["table"])
-    path = bench.write(section, out / "bench_augment.json")
-    print(f"\nbenchmark results -> {path}")
+    from torch.utils.benchmark import Timer
+
+    batch = photos.repeat(4 if args.quick else 32, 1, 1, 1)
+    timer = Timer("tasks(x)", globals={"tasks": tasks, "x": batch})
+    seconds = timer.blocked_autorange(min_run_time=0.2 if args.quick else 2.0).median
+    print(f"{len(tasks)} views of {batch.shape[0]} images {tuple(batch.shape[-2:])} on {device}: "
+          f"{seconds * 1e3:.2f} ms/call, {batch.shape[0] / seconds:,.0f} images/s "
+          f"(median, torch.utils.benchmark; `make bench` compares with torchvision and kornia)")
     return EXIT_OK
 
 
@@ -220,10 +196,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
     d = RunConfig()
     p.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>); never overwritten")
-    p.add_argument("--tasks", default=",".join(d.tasks), help="comma-separated distribution tasks, e.g. identity,rotate,hue")
+    p.add_argument("--tasks", default=",".join(d.tasks),
+                   help="comma-separated distribution tasks, e.g. identity,rotate,hue")
     p.add_argument("--dataset", default=d.dataset, help="digits (embedded, default), cifar10, npz or folder")
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 root, an .npz with x (N,C,H,W uint8) and y, or an image folder")
-    p.add_argument("--image-size", type=int, default=d.image_size, help=f"image side for digits/folder (default {d.image_size})")
+    p.add_argument("--data-dir", default=None,
+                   help="CIFAR-10 root, an .npz with x (N,C,H,W uint8) and y, or an image folder")
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help=f"image side for digits/folder (default {d.image_size})")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help=f"training steps (default {d.steps})")
     length.add_argument("--epochs", type=float, default=None, help="training epochs instead of steps")
@@ -234,19 +213,21 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weighting", default=d.weighting, help="sum, minmax, uncertainty, dwa, svd or uniform")
     p.add_argument("--strategy", default=d.strategy,
                    help="joint (default) or stgu: Selective Task Group Updates, groups stepped in turn")
-    p.add_argument("--affinity-every", type=int, default=d.affinity_every, help=f"exact TAG affinity every N steps (default {d.affinity_every})")
+    p.add_argument("--affinity-every", type=int, default=d.affinity_every,
+                   help=f"exact TAG affinity every N steps (default {d.affinity_every})")
     p.add_argument("--affinity-mode", default=d.affinity_mode, help="exact or first_order")
     p.add_argument("--budget", type=int, default=d.budget, help=f"maximum number of task groups (default {d.budget})")
     p.add_argument("--protocol", default=d.protocol, help="default, or paper: alone, pairs, all together, groups")
     p.add_argument("--device", default=d.device, help="cpu or cuda (default cpu)")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of data order, augmentation and init (default {d.seed})")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seed of data order, augmentation and init (default {d.seed})")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="checkpoint every N steps")
     p.add_argument("--resume", default=None, help="continue from this checkpoint.pt (its run directory is reused)")
 
 
 def _config_from(args: argparse.Namespace):
-    from mtdl_fast.ops import OPS
     from mtdl_fast.app.trainer import RunConfig
+    from mtdl_fast.ops import OPS
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for task in tasks:
@@ -368,8 +349,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from mtdl_fast.app.checkpoint import CheckpointError, load_checkpoint
     from mtdl_fast.app.reports import markdown_table
-    from mtdl_fast.app.trainer import (RunConfig, build_engine, check_run_checkpoint, evaluate, load_dataset,
-                                   load_engine_state)
+    from mtdl_fast.app.trainer import (
+        RunConfig,
+        build_engine,
+        check_run_checkpoint,
+        evaluate,
+        load_dataset,
+        load_engine_state,
+    )
 
     device = resolve_device(args.device)
     try:
@@ -390,110 +377,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = [f"head {n}" for n in config.tasks] + ["model"]
     print(markdown_table(np.asarray(acc), rows, eval_names, corner="trained \\ eval"))
     return EXIT_OK
-
-
-def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available, else cpu)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke-sized runs of every benchmark, written to runs/bench-quick/ (not benchmarks/results) "
-                        "and never into the README")
-    p.add_argument("--only", default=None, help="comma-separated subset of augment,affinity,grouping,step")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads of augment, affinity and step (default: 1 on the CPU, like the recorded "
-                        "CPU results; torch's choice on CUDA); grouping always runs on one pinned core")
-    p.add_argument("--results-dir", default=None,
-                   help="folder of the <device>.json results (default benchmarks/results; runs/bench-quick with --quick)")
-    p.add_argument("--no-readme", action="store_true",
-                   help="do not regenerate README.md's performance section from the results files")
-
-
-@subcommand("bench", help="run the benchmark suite, record benchmarks/results/<device>.json with plots, "
-                          "and regenerate the README's performance section", arguments=_bench_args)
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Each benchmark runs as its own process (its own thread setting and memory), in the repository
-    root, writing its section of the device's results file; then every results file of the folder
-    gets its plots, and README.md's block between <!-- perf:begin --> and <!-- perf:end --> is
-    rendered from all results files there (benchmarks/render_readme.py)."""
-    import subprocess
-
-    import torch
-
-    benchmarks = ("augment", "affinity", "grouping", "step")
-
-    def relative_to_repo(path: Path) -> str:
-        """`path` relative to the repository when inside it (recorded commands stay short), else absolute."""
-        path = path.resolve()
-        try:
-            return str(path.relative_to(_repo_root()))
-        except ValueError:
-            return str(path)
-
-    device_name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    device = resolve_device(device_name)
-    chosen = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else list(benchmarks)
-    unknown = [n for n in chosen if n not in benchmarks]
-    if unknown or not chosen:
-        raise CLIError(f"unknown benchmark(s) {unknown or args.only!r}; choose among {', '.join(benchmarks)}")
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads must be >= 1, got {args.threads}")
-    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
-    common = load_benchmark("_common")
-    render = load_benchmark("render_readme")
-    default_dir = Path(common.RESULTS_DIR)
-    if args.results_dir is not None:
-        results_dir = Path(args.results_dir).resolve()
-    else:
-        results_dir = (Path("runs") / "bench-quick").resolve() if args.quick else default_dir
-    try:
-        results_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CLIError(f"cannot create results folder {str(results_dir)!r}: {err.strerror or err}") from err
-    written: list[Path] = []
-    code = EXIT_OK
-    for name in chosen:
-        script = Path("benchmarks") / f"bench_{name}.py"
-        if not (_repo_root() / script).is_file():
-            raise CLIError(f"benchmark script {_repo_root() / script} not found (the benchmarks ship with the source tree)")
-        own_device = torch.device("cpu") if name == "grouping" else device   # grouping is a CPU benchmark
-        path = Path(common.result_path(own_device, results_dir))
-        command = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
-        if name != "grouping":
-            command += ["--device", str(device)]
-            if threads is not None:
-                command += ["--threads", str(threads)]
-        if args.quick or path != Path(common.result_path(own_device, default_dir)):
-            command += ["--json", relative_to_repo(path)]
-        print(f"$ python {' '.join(command[1:])}", flush=True)
-        rc = subprocess.call(command, cwd=_repo_root())
-        if rc != 0:
-            print(f"{PROG}: bench_{name} exited with status {rc}", file=sys.stderr)
-        code = max(code, rc)
-        if path.is_file() and path not in written:
-            written.append(path)
-    for path in written:
-        try:
-            for png in render.plot_results(path):
-                print(f"plot: {png}")
-        except render.ResultsError as err:
-            print(f"{PROG}: plots: {err}", file=sys.stderr)
-            code = max(code, 1)
-    if args.no_readme:
-        return code
-    try:
-        if results_dir == default_dir.resolve():
-            changed = render.render_readme(_repo_root() / "README.md", results_dir)
-            print(f"README.md: performance section {'updated' if changed else 'unchanged'} "
-                  f"(from every results file in {relative_to_repo(results_dir)})")
-        else:   # a scratch folder (e.g. --quick): render beside the results, leave the README alone
-            block = render.render_block(render.load_results(results_dir), link_base=results_dir)
-            out = results_dir / "performance.md"
-            out.write_text(block + "\n")
-            print(f"performance section rendered to {out} (README.md untouched: results are not in "
-                  f"{relative_to_repo(default_dir)})")
-    except render.ResultsError as err:
-        print(f"{PROG}: README not regenerated: {err}", file=sys.stderr)
-        code = max(code, 1)
-    return code
 
 
 def _profile_args(p: argparse.ArgumentParser) -> None:

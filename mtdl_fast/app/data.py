@@ -57,7 +57,8 @@ def _sample_images() -> tuple[torch.Tensor, ...]:
     from sklearn.datasets import load_sample_images
 
     bunch = load_sample_images()
-    return tuple(torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous() for im in bunch.images)
+    return tuple(torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+                 for im in bunch.images)
 
 
 def _fit(img: torch.Tensor, size: int) -> torch.Tensor:

@@ -6,9 +6,9 @@ Writes a Chrome trace and returns a table of the time spent in each phase.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.profiler import ProfilerActivity, profile

@@ -16,9 +16,9 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -160,7 +160,8 @@ def build_engine(config: RunConfig, task_names: Sequence[str], data: Dataset, de
     tasks = DistributionTasks(list(task_names), seed=dist_utils.rank_seed(config.seed))
     strategy: str | SelectiveGroupUpdates = config.strategy
     if config.strategy == "stgu":  # warm-up: a quarter of the run
-        strategy = SelectiveGroupUpdates(model.trunk, model.heads, optimizer, warmup=max(1, total_steps(config, data) // 4),
+        warmup = max(1, total_steps(config, data) // 4)
+        strategy = SelectiveGroupUpdates(model.trunk, model.heads, optimizer, warmup=warmup,
                                          generator=torch.Generator().manual_seed(0))
     return MTDLEngine(tasks, model.trunk, model.heads, optimizer, weighting=weighting,
                       affinity_every=config.affinity_every if len(task_names) > 1 else None,
@@ -335,16 +336,10 @@ def _read_metrics(path: Path, upto: int | None = None) -> list[dict]:
     return [r for r in rows if upto is None or r["step"] <= upto]
 
 
-def _train_subset(config: RunConfig, names: Sequence[str], data: Dataset, device: torch.device, label: str):
-    engine = build_engine(config, names, data, device)
-    train(config, engine, data, device, label=label)
-    return engine
-
-
 def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None) -> dict:
     """The main job (see module docstring). Returns the results written to results.json."""
-    from mtdl_fast.grouping import select_groups
     from mtdl_fast.app.reports import write_report
+    from mtdl_fast.grouping import select_groups
 
     config.validate()
     device = dist_utils.init_from_env(resolve_device(config.device))
@@ -375,8 +370,11 @@ def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None
                     "method": "tag", "names": names}
     x_eval, y_eval = data.x_test[: config.eval_size].to(device), data.y_test[: config.eval_size].to(device)
     acc = evaluate(engine, names, names, x_eval, y_eval, config.seed)
-    paper = paper_protocol(config, names, data, device, acc[-1], grouping, x_eval, y_eval) \
-        if config.protocol == "paper" else None
+    paper = None
+    if config.protocol == "paper":
+        from mtdl_fast.app.protocol import paper_protocol
+
+        paper = paper_protocol(config, names, data, device, acc[-1], grouping, x_eval, y_eval)
     if not main:
         return dist_utils.broadcast_object(None)
     metrics = _read_metrics(out / "metrics.jsonl")
@@ -406,49 +404,6 @@ def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
     write_report(out, results)
     return dist_utils.broadcast_object(results)
-
-
-def paper_protocol(config, names, data, device, together_acc, grouping, x_eval, y_eval) -> dict:
-    """Each distribution alone, every pair, all together and the TAG (and HOA) groups, each model
-    evaluated on every distribution; each task of a grouping is served by its group's model."""
-    from mtdl_fast.grouping import select_groups
-
-    k = len(names)
-    alone = np.stack([evaluate(_train_subset(config, [n], data, device, f"alone {n}"), [n], names,
-                               x_eval, y_eval, config.seed)[-1] for n in names])
-    pair_error = np.zeros((k, k))
-    for a in range(k):
-        pair_error[a, a] = 1 - alone[a, a]
-    for a in range(k):
-        for b in range(a + 1, k):
-            engine = _train_subset(config, [names[a], names[b]], data, device, f"pair {names[a]}+{names[b]}")
-            acc = evaluate(engine, [names[a], names[b]], [names[a], names[b]], x_eval, y_eval, config.seed)[-1]
-            pair_error[a, b], pair_error[b, a] = 1 - acc[0], 1 - acc[1]
-    hoa = select_groups(pair_error, budget=min(config.budget, k), method="hoa", names=names)
-
-    def grouped(result, label):
-        per_task = np.zeros(k)
-        for g, members in enumerate(result.groups):
-            group_names = [names[m] for m in members]
-            engine = _train_subset(config, group_names, data, device, f"{label} group {g}")
-            acc = evaluate(engine, group_names, names, x_eval, y_eval, config.seed)[-1]
-            for task in range(k):
-                if result.serving[task] == g:
-                    per_task[task] = acc[task]
-        return per_task
-
-    tag_acc, hoa_acc = grouped(grouping, "TAG"), grouped(hoa, "HOA")
-    own = np.diag(alone)
-    comparison = [
-        {"setting": "each alone", "mean_accuracy": float(own.mean()), "per_task": own.tolist()},
-        {"setting": "all together", "mean_accuracy": float(together_acc.mean()), "per_task": together_acc.tolist()},
-        {"setting": f"TAG groups {grouping.groups}", "mean_accuracy": float(tag_acc.mean()), "per_task": tag_acc.tolist()},
-        {"setting": f"HOA groups {hoa.groups}", "mean_accuracy": float(hoa_acc.mean()), "per_task": hoa_acc.tolist()},
-    ]
-    shift = {"rows": [f"trained on {n}" for n in names] + ["trained on all"], "cols": names,
-             "matrix": np.vstack([alone, together_acc[None]]),
-             "title": "Distribution shift: accuracy of each trained model on every distribution"}
-    return {"comparison": comparison, "pair_error": pair_error, "hoa_groups": {"groups": hoa.groups}, "shift": shift}
 
 
 def _jsonable(value):

@@ -7,7 +7,8 @@ that broadcasts against (B, C, H, W), so each op has one code path.
 from __future__ import annotations
 
 import numbers
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 

@@ -6,7 +6,7 @@ for a fill), batched with one matrix per image, so results agree to float32 roun
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

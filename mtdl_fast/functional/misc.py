@@ -1,7 +1,7 @@
 """Filters, noise, erasing and normalisation with torchvision's names and numerics, parameters per image."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

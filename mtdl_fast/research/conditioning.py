@@ -43,7 +43,8 @@ class TaskConditioned(nn.Module):
     def _check(self, features: torch.Tensor, task) -> None:
         if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[1] != self.in_features:
             raise ValueError(
-                f"features must be a (B, {self.in_features}) tensor, got {getattr(features, 'shape', type(features).__name__)}"
+                f"features must be a (B, {self.in_features}) tensor, "
+                f"got {getattr(features, 'shape', type(features).__name__)}"
             )
         if isinstance(task, torch.Tensor):
             if task.dtype.is_floating_point or task.dtype.is_complex or task.dtype == torch.bool:
@@ -183,7 +184,8 @@ class ConditionedHead(nn.Module):
             raise ValueError(f"task must be an int in [0, {conditioned.num_tasks}), got {task!r}")
         self.conditioned = conditioned
         self.task = task
-        self.register_buffer("task_code", F.one_hot(torch.tensor(task), conditioned.num_tasks).float(), persistent=False)
+        code = F.one_hot(torch.tensor(task), conditioned.num_tasks).float()
+        self.register_buffer("task_code", code, persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.conditioned(features, self.task_code.argmax(-1))

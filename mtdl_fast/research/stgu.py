@@ -16,13 +16,12 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 __all__ = ["SelectiveGroupUpdates", "affinity_propagation_labels", "grouping_similarity", "groups_from_labels"]
 

@@ -1,36 +1,19 @@
-"""Task weighting strategies: how the K per-task losses of a step become one training loss.
-
-Every strategy is an ``nn.Module`` subclass of :class:`Weighting` with two views of the same rule:
+"""Loss weighting strategies of the multi-task literature, on the engine's `Weighting` contract
+(`mtdl_fast.weighting`: `forward`, `weights`, `step_end`, `linear`, `last_weights`).
 
     weighting = make_weighting("dwa", num_tasks=K)
-    total = weighting(losses)              # scalar training loss; losses is (K,) with its graph
-    w = weighting.weights(losses)          # (K,) detached weights of this step
-    weighting.step_end(losses.detach())    # bookkeeping after the optimizer step (DWA history)
+    engine = MTDLEngine(tasks, trunk, heads, optimizer, weighting=weighting)
 
-``linear`` is True when ``forward(losses) == (weights(losses) * losses).sum()`` exactly; then an
-engine that already holds the per-task gradients g_k may form the update as ``sum_k w_k g_k``
-instead of a backward of ``forward()``. It is False for strategies with learnable parameters of
-their own (:class:`UncertaintyWeighting`) or a nonlinear combination (smooth :class:`MinMax`).
-
-One call per step. Some strategies advance state on every call of ``weights()`` or ``forward()``
-(:class:`UniformTaskSampling` draws a new sample; :class:`SVDReweighting` takes in new features).
-Call one of them once per step; the weights the last call used are kept in ``last_weights``
-(a plain attribute, not part of the state dict) for logging or for combining gradients after a
-``forward()``.
-
-Non-finite losses: a non-finite loss gives a non-finite total (the engine skips such steps);
-history (DWA) and stored estimates (SVD) are never updated from non-finite values.
-
-Devices: weights come back on ``losses.device`` in ``losses.dtype`` promoted to at least float32.
-Nothing here synchronises with the host except where a docstring says so (``SVDReweighting``
-without ``num_classes``). Move the module to the losses' device (``weighting.to(device)``) so
-its buffers live there too.
+Static weights, min-max (worst task, and its smooth log-sum-exp form), uncertainty weighting
+(Kendall et al.), dynamic weight average (Liu et al.), SVD reweighting (Wu, Zhang & Re) and
+uniform task sampling. Each class states its formula and citation.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
