@@ -16,6 +16,7 @@ import errno
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -195,6 +196,49 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(killed_run, reference
     proc = _python(["-m", "mtdl_fast", "run", "--resume", str(out / "checkpoint.pt"), *ARGS])
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+    assert_same_run(out, reference_run)
+
+
+# The SIGINT run holds inside a step, after the augmentation drew its parameters (step_views), until
+# the test has sent Ctrl-C; the step then completes and the run must checkpoint it and stop.
+_HOLD_IN_STEP = """
+import os, runpy, time
+import mtdl_fast.engine as engine
+hold_at, marker = int(os.environ["MTDL_TEST_HOLD_AT"]), os.environ["MTDL_TEST_MARKER"]
+original = engine.MTDLEngine.step_views
+def step_views(self, views, y):
+    if self.step_count + 1 == hold_at:
+        open(marker, "w").close()
+        while not os.path.exists(marker + ".sent"):
+            time.sleep(0.01)
+    return original(self, views, y)
+engine.MTDLEngine.step_views = step_views
+runpy.run_module("mtdl_fast", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_sigint_mid_step_then_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
+    step = random.Random().randrange(2, STEPS)  # any step but the last; printed on failure
+    out, marker = tmp_path / "run", tmp_path / "holding"
+    env = {**os.environ, **THREADS, "MTDL_TEST_HOLD_AT": str(step), "MTDL_TEST_MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_IN_STEP, "run", "--out", str(out), *ARGS], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, f"step {step}: {proc.stderr.read()}"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGINT)
+        Path(str(marker) + ".sent").touch()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, f"step {step}: {stderr}"
+    assert "interrupted; continue with --resume" in stderr and "Traceback" not in stderr, stderr
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == step
+    resumed = _python(["-m", "mtdl_fast", "run", "--resume", str(out / "checkpoint.pt")])
+    assert resumed.returncode == 0, f"step {step}: {resumed.stderr}"
     assert_same_run(out, reference_run)
 
 

@@ -83,7 +83,7 @@ def test_full_report(tmp_path):
     assert "| model.name | cnn |" in text
     assert "12,345.6 images/s on cpu" in text
     assert "75.2 s (0:01:15)" in text
-    assert "median over 60 logged steps" in text
+    assert "per step (the engine's step alone, median over 60 steps)" in text
     # Groups: members, serving group, TAG member score (mean affinity from the other members).
     z = results["affinity"]
     assert "| 0 | identity, horizontal_flip |" in text
@@ -184,7 +184,28 @@ def test_curves_without_per_task_losses(tmp_path):
     check_png(tmp_path / "empty.png", min_bytes=1000)
 
 
-def test_smoothing_keeps_the_ends():
+def test_smoothing_averages_at_the_ends_too():
     y = np.array([1.0, 2.0, 3.0, 4.0, 10.0, np.nan, 7.0])
     s = reports._smooth(y, 3)
-    np.testing.assert_allclose(s, [1.0, 2.0, 3.0, 17 / 3, 7.0, 8.5, 7.0])
+    np.testing.assert_allclose(s, [1.5, 2.0, 3.0, 17 / 3, 7.0, 8.5, 7.0])
+    noisy = np.where(np.arange(101) % 2 == 0, 1.0, 0.0)
+    ends = reports._smooth(noisy, 21)[[0, -1]]
+    assert np.all(np.abs(ends - 0.5) < 0.1)  # not the raw 1.0 of the end points
+
+
+def test_report_describes_the_data_and_warns_on_tiny_test_sets(tmp_path):
+    results = synthetic_results()
+    results["data"] = {"dataset": "digits", "classes": 10, "train": 1437, "test": 360, "evaluated": 40,
+                       "image": [1, 16, 16], "preprocessing": "resized to 16x16"}
+    text = reports.write_report(tmp_path, results).read_text(encoding="utf-8")
+    assert "- digits: 10 classes, 1437 training and 360 test images of shape (1, 16, 16)" in text
+    assert "over 40 test images" in text and "**warning**: 40 test images is a small test set" in text
+    results["data"]["evaluated"] = 360
+    assert "warning" not in reports.write_report(tmp_path, results).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("names,why", [(["identity"], "a single task"), (["a", "b"], "tracking was off")])
+def test_no_affinity_is_said_not_drawn(tmp_path, names, why):
+    text = reports.write_report(tmp_path, {"names": names, "affinity": None, "groups": None}).read_text()
+    assert "No affinity measured in this run" in text and why in text
+    assert "-1e+06" not in text and "| group |" not in text

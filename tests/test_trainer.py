@@ -1,6 +1,8 @@
 """The main job end to end at toy size: run directory contents, exact resume, checkpoint integrity,
 and the CLI's one-line errors (exit code 2, nothing overwritten)."""
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -39,25 +41,27 @@ def test_run_writes_the_whole_run_directory(tmp_path):
     assert "rotate" in (out / "report.md").read_text()
 
 
-def test_resumed_run_reaches_the_same_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("interrupted_step", [2, 4, 5])
+def test_ctrl_c_mid_step_then_resume_reaches_the_same_result(tmp_path, monkeypatch, interrupted_step):
     full = run(tiny_config(), tmp_path / "full")
-    # interrupt a second run after step 4: Ctrl-C saves a checkpoint on the way out
+    # Ctrl-C arrives in the middle of a step (after its augmentation drew parameters): the step
+    # finishes, a checkpoint of the completed step is written, then the run stops.
     import mtdl_fast.engine as engine_module
 
-    original = engine_module.MTDLEngine.step
-    calls = {"n": 0}
+    original = engine_module.MTDLEngine.step_views
 
-    def interrupted(self, x, y):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(self, x, y)
+    def interrupted(self, views, y):
+        if self.step_count + 1 == interrupted_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, views, y)
 
-    monkeypatch.setattr(engine_module.MTDLEngine, "step", interrupted)
+    monkeypatch.setattr(engine_module.MTDLEngine, "step_views", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_config(), tmp_path / "cut")
-    monkeypatch.setattr(engine_module.MTDLEngine, "step", original)
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 4
+    monkeypatch.setattr(engine_module.MTDLEngine, "step_views", original)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == interrupted_step
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, interrupted_step + 1))
     resumed = run(tiny_config(), tmp_path / "cut", resume=tmp_path / "cut" / "checkpoint.pt")
     assert np.array_equal(resumed["affinity"], full["affinity"])
     assert [r["loss"] for r in resumed["metrics"]] == [r["loss"] for r in full["metrics"]]
@@ -116,11 +120,28 @@ def test_resume_refuses_a_corrupt_or_mismatched_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / "run" / "checkpoint.pt"
     results_before = (tmp_path / "run" / "results.json").read_text()
     assert main(["run", "--resume", str(ckpt), *TINY[:-2], "--budget", "3"]) == 2
-    assert "other options" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--budget 3 differs from the checkpoint's 2" in err and len(err.strip().splitlines()) == 1
+    assert main(["run", "--resume", str(ckpt), "--steps", "4"]) == 2
+    assert "--steps 4 cannot continue" in capsys.readouterr().err
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     assert main(["run", "--resume", str(ckpt), *TINY]) == 2
     assert "checksum" in capsys.readouterr().err
     assert (tmp_path / "run" / "results.json").read_text() == results_before
+
+
+def test_resume_alone_restores_the_saved_options_and_may_run_longer(tmp_path, capsys):
+    args = ["--tasks", "identity,brightness", "--steps", "3", "--batch-size", "8", "--image-size", "8",
+            "--affinity-every", "2", "--checkpoint-every", "3", "--budget", "2", "--trunk", "mlp", "--lr", "0.1"]
+    assert main(["run", "--out", str(tmp_path / "run"), *args]) == 0
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    assert main(["run", "--resume", str(ckpt)]) == 0  # nothing given: the saved options, nothing to add
+    assert main(["run", "--resume", str(ckpt), "--steps", "5"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["steps"] == 5 and config["lr"] == 0.1 and config["tasks"] == ["identity", "brightness"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert load_checkpoint(ckpt)["step"] == 5
 
 
 def test_groups_and_eval_commands(tmp_path, capsys):

@@ -18,6 +18,7 @@ Adding a command::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,12 +63,23 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see {self.prog} --help)")
 
 
+# Imported by the application only, installed by the `app` extra.
+_APP_MODULES = ("matplotlib", "tqdm", "PIL")
+
+
+def _given_options(parser: argparse.ArgumentParser, command: str, argv: Sequence[str]) -> set[str]:
+    """The destinations of the options written on the command line (not filled by a default)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return {action.dest for action in sub._actions for opt in action.option_strings
+            if any(token == opt or token.startswith(opt + "=") for token in argv)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
     parser = _Parser(prog=PROG, description="mtdl-fast: kernel-backed Multi-Task Distribution Learning.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
     for cmd in _COMMANDS.values():
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, allow_abbrev=False)
         if cmd.arguments is not None:
             cmd.arguments(p)
         p.set_defaults(_func=cmd.func)
@@ -77,16 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mtdl-fast``; returns the process exit code."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parser.parse_args(None if argv is None else list(argv))
+        args = parser.parse_args(argv)
         func = getattr(args, "_func", None)
         if func is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
+        args.given = _given_options(parser, args.command, argv)
         code = func(args)
         return EXIT_OK if code is None else int(code)
     except CLIError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as err:
+        if err.name not in _APP_MODULES:
+            raise
+        print(f"{PROG}: error: this command needs {err.name}: pip install 'mtdl-fast[app]'", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -213,16 +232,39 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weighting", default=d.weighting, help="sum, minmax, uncertainty, dwa, svd or uniform")
     p.add_argument("--strategy", default=d.strategy,
                    help="joint (default) or stgu: Selective Task Group Updates, groups stepped in turn")
-    p.add_argument("--affinity-every", type=int, default=d.affinity_every,
-                   help=f"exact TAG affinity every N steps (default {d.affinity_every})")
+    p.add_argument("--affinity-every", type=_every, default=d.affinity_every,
+                   help=f"TAG affinity every N steps; 0 or none: no affinity (default {d.affinity_every})")
     p.add_argument("--affinity-mode", default=d.affinity_mode, help="exact or first_order")
     p.add_argument("--budget", type=int, default=d.budget, help=f"maximum number of task groups (default {d.budget})")
     p.add_argument("--protocol", default=d.protocol, help="default, or paper: alone, pairs, all together, groups")
     p.add_argument("--device", default=d.device, help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help=f"torch CPU threads (default {d.threads}: the fastest measured for the default run on a "
+                        f"2-core machine); recorded in config.json")
     p.add_argument("--seed", type=int, default=d.seed,
                    help=f"seed of data order, augmentation and init (default {d.seed})")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="checkpoint every N steps")
-    p.add_argument("--resume", default=None, help="continue from this checkpoint.pt (its run directory is reused)")
+    p.add_argument("--resume", default=None,
+                   help="continue from this checkpoint.pt in its run directory, with its saved options; "
+                        "only --steps (more) and --checkpoint-every may be given with it")
+
+
+def _every(text: str) -> int | None:
+    """--affinity-every: a positive int, or 0 / none for no affinity."""
+    if text.strip().lower() in ("0", "none", "off"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, 0 or none, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, 0 or none, got {text!r}")
+    return value
+
+
+# What a resumed run may change: run longer, checkpoint more or less often. Anything else would
+# continue a different experiment under the old one's name.
+_RESUME_MAY_CHANGE = ("steps", "checkpoint_every")
 
 
 def _config_from(args: argparse.Namespace):
@@ -240,12 +282,44 @@ def _config_from(args: argparse.Namespace):
                        trunk=args.trunk, weighting=args.weighting, strategy=args.strategy,
                        affinity_every=args.affinity_every,
                        affinity_mode=args.affinity_mode, budget=args.budget, device=args.device, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every, protocol=args.protocol)
+                       checkpoint_every=args.checkpoint_every, protocol=args.protocol, threads=args.threads)
     try:
         config.validate()
     except ValueError as err:
         raise CLIError(str(err)) from err
     return config
+
+
+def _resumed_config(args: argparse.Namespace):
+    """The configuration saved in --resume's checkpoint, with the changes a resumed run may make."""
+    import dataclasses
+
+    from mtdl_fast.app.checkpoint import CheckpointError, load_checkpoint
+    from mtdl_fast.app.trainer import RunConfig, check_run_checkpoint
+
+    try:
+        state = load_checkpoint(args.resume)
+        check_run_checkpoint(state, args.resume)
+        saved = RunConfig(**state["config"])
+    except CheckpointError as err:
+        raise CLIError(str(err)) from err
+    except TypeError as err:
+        raise CLIError(f"{args.resume} holds a configuration this version cannot read ({err})") from err
+    asked = _config_from(args)
+    changes = {}
+    for name in sorted(args.given & {f.name for f in dataclasses.fields(RunConfig)}):
+        value = getattr(asked, name)
+        if value == getattr(saved, name):
+            continue
+        option = "--" + name.replace("_", "-")
+        if name not in _RESUME_MAY_CHANGE:
+            raise CLIError(f"{option} {value} differs from the checkpoint's {getattr(saved, name)}; a resumed run "
+                           f"keeps its options (only --steps and --checkpoint-every may change)")
+        changes[name] = value
+    if "steps" in changes and (saved.steps is None or changes["steps"] < int(state["step"])):
+        raise CLIError(f"--steps {changes['steps']} cannot continue {args.resume}: it was written at step "
+                       f"{state['step']} of a run of {saved.steps or f'{saved.epochs} epochs'}")
+    return dataclasses.replace(saved, **changes)
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
@@ -257,9 +331,23 @@ def _run_dir(args: argparse.Namespace) -> Path:
             raise CLIError(f"--resume continues in {out}; --out {args.out} names another directory")
         return out
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()):
         raise CLIError(f"{out} already holds files; choose a new --out (or --resume its checkpoint)")
+    _check_writable(out)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """CLIError unless `out` can be created and written, checked without creating anything."""
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"--out {out} lies under {existing}, which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out} is not writable ({existing} is read-only for this user)")
 
 
 def _on_rank0(decide: Callable[[], Any]) -> Any:
@@ -282,7 +370,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mtdl_fast.app.checkpoint import CheckpointError
     from mtdl_fast.app.trainer import run
 
-    config = _config_from(args)
+    config = _resumed_config(args) if args.resume is not None else _config_from(args)
     dist_utils.init_from_env(resolve_device(config.device))  # under torchrun: join its process group
     main = dist_utils.is_main()
     try:
@@ -302,7 +390,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     groups = results["groups"]
     names = results["names"]
-    print(f"groups: {[[names[i] for i in g] for g in groups['groups']]} (score {groups['score']:.4f})")
+    if groups is None:
+        print("groups: none (no affinity measured)")
+    else:
+        print(f"groups: {[[names[i] for i in g] for g in groups['groups']]} (score {groups['score']:.4f})")
     print(f"report: {out / 'report.md'}")
     return EXIT_OK
 
@@ -311,7 +402,19 @@ def _groups_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("affinity", help="affinity.npy or affinity.csv of a run (K x K)")
     p.add_argument("--budget", type=int, default=3, help="maximum number of groups (default 3)")
     p.add_argument("--method", default="tag", help="tag (affinity, maximised) or hoa (pairwise losses, minimised)")
-    p.add_argument("--names", default=None, help="comma-separated task names (default: the CSV header)")
+    p.add_argument("--names", default=None,
+                   help="comma-separated task names (default: the CSV header, or the run's config.json)")
+
+
+def _run_task_names(path: Path) -> list[str] | None:
+    """Task names of the run directory holding `path`, when its config.json says them."""
+    import json
+
+    config = path.parent / "config.json"
+    try:
+        return list(json.loads(config.read_text())["tasks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @subcommand("groups", help="select task groups from a saved affinity matrix", arguments=_groups_args)
@@ -326,13 +429,19 @@ def cmd_groups(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else None
     try:
         if path.suffix == ".npy":
-            matrix = np.load(path)
+            matrix = np.load(path, allow_pickle=False)
+            names = names or _run_task_names(path)
         else:
             header = path.read_text().splitlines()[0]
-            names = names or header.split(",")
+            names = names or header.lstrip("# ").split(",")
             matrix = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+        if names is not None and len(names) != len(matrix):
+            names = None if not args.names else names  # a stale config.json: print indices rather than lie
+        if args.method.lower() == "hoa" and path.stem.startswith("affinity"):
+            print(f"{PROG}: warning: HOA expects pairwise losses (P[a, b]: a's loss trained with b), "
+                  f"not an affinity matrix; {path.name} looks like one", file=sys.stderr)
         print(select_groups(matrix, budget=args.budget, method=args.method, names=names))
-    except (ValueError, OSError) as err:
+    except (ValueError, TypeError, OSError) as err:
         raise CLIError(f"{path}: {err}") from err
     return EXIT_OK
 
@@ -340,6 +449,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint.pt of a run")
     p.add_argument("--tasks", default=None, help="comma-separated distributions to evaluate on (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="where the run's dataset is now (default: the run's --data-dir)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
@@ -364,7 +474,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_run_checkpoint(state, args.checkpoint)
     except CheckpointError as err:
         raise CLIError(str(err)) from err
-    config = RunConfig(**{**state["config"], "device": str(device)})
+    saved = {**state["config"], "device": str(device)}
+    if args.data_dir is not None:
+        saved["data_dir"] = args.data_dir
+    config = RunConfig(**saved)
     eval_names = args.tasks.split(",") if args.tasks else list(config.tasks)
     try:
         data = load_dataset(config)

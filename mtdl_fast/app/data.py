@@ -127,8 +127,9 @@ def load_cifar10(data_dir: str | os.PathLike, train: bool = True) -> tuple[torch
     try:
         ds = CIFAR10(root=str(root), train=train, download=False)
     except RuntimeError as err:
+        # torchvision's own message suggests download=True, which this offline loader never does
         raise ValueError(f"CIFAR-10 not found or corrupt in data_dir {str(data_dir)!r} "
-                         f"(expected cifar-10-batches-py/ there; nothing is downloaded): {err}") from err
+                         "(expected torchvision's cifar-10-batches-py/ there; nothing is downloaded)") from err
     images = torch.from_numpy(np.array(ds.data, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).contiguous()
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
     return images, labels

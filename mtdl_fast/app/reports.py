@@ -341,14 +341,13 @@ def plot_accuracy_matrix(acc: Any, row_names: Sequence[str], col_names: Sequence
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average over ``window`` points, ignoring NaN; near the ends the window
-    shrinks symmetrically, so the first and last points are kept as they are."""
+    """Centred moving average over ``window`` points, ignoring NaN; near the ends the window is
+    cut at the series' end (not shrunk to the point itself), so the ends are averages too."""
     ok = np.isfinite(y)
     cs = np.concatenate([[0.0], np.cumsum(np.where(ok, y, 0.0))])
     cn = np.concatenate([[0.0], np.cumsum(ok)])
     idx = np.arange(len(y))
-    half = np.minimum(np.minimum(idx, len(y) - 1 - idx), window // 2)
-    lo, hi = idx - half, idx + half + 1
+    lo, hi = np.maximum(idx - window // 2, 0), np.minimum(idx + window // 2 + 1, len(y))
     n = cn[hi] - cn[lo]
     return np.where(n > 0, (cs[hi] - cs[lo]) / np.maximum(n, 1), np.nan)
 
@@ -479,6 +478,23 @@ def _groups_section(groups: Mapping[str, Any], names: list[str], affinity: np.nd
 # the report
 # ----------------------------------------------------------------------------------------------
 
+# Below this many evaluated images, one image moves an accuracy by more than 1%.
+_SMALL_TEST_SET = 100
+
+
+def _data_section(data: Mapping[str, Any] | None) -> list[str]:
+    if not data:
+        return []
+    lines = ["## Data", "",
+             f"- {data['dataset']}: {data['classes']} classes, {data['train']} training and {data['test']} test "
+             f"images of shape {tuple(data['image'])} (C, H, W); {data['preprocessing']}.",
+             f"- accuracies below are over {data['evaluated']} test images."]
+    if int(data["evaluated"]) < _SMALL_TEST_SET:
+        lines.append(f"- **warning**: {data['evaluated']} test images is a small test set: one image is "
+                     f"{100 / max(int(data['evaluated']), 1):.1f}% of accuracy; differences below that are noise.")
+    return lines + [""]
+
+
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for key, value in config.items():
@@ -558,6 +574,9 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any]) -> Path:
         lines += [f"| {_cell(key)} | {_config_value(value)} |" for key, value in items]
         lines.append("")
 
+    # -- data
+    lines += _data_section(results.get("data"))
+
     # -- throughput and timing
     tp = results.get("throughput")
     timing = results.get("timing")
@@ -568,11 +587,13 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any]) -> Path:
         lines += ["## Throughput", ""]
         if tp and tp.get("images_per_s") is not None:
             dev = f" on {tp['device']}" if tp.get("device") else ""
-            lines.append(f"- training: {_fmt(tp['images_per_s'], '{:,.1f}')} images/s{dev}")
+            over = (f" ({int(tp['images'])} images in {_duration(float(tp['seconds']))} of training, wall clock)"
+                    if tp.get("images") is not None and tp.get("seconds") is not None else "")
+            lines.append(f"- training: {_fmt(tp['images_per_s'], '{:,.1f}')} images/s{dev}{over}")
         elif tp and tp.get("device"):
             lines.append(f"- device: {tp['device']}")
         if metric_rates:
-            lines.append(f"- median over {len(metric_rates)} logged steps: "
+            lines.append(f"- per step (the engine's step alone, median over {len(metric_rates)} steps): "
                          f"{float(np.median(metric_rates)):,.1f} images/s")
         if timing and timing.get("seconds") is not None:
             lines.append(f"- wall time: {_duration(float(timing['seconds']))}")
@@ -599,6 +620,9 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any]) -> Path:
     # -- affinity
     affinity = None
     steps = results.get("affinity_steps")
+    if results.get("affinity") is None and "affinity" in results:
+        why = "a single task has no other task to affect" if k == 1 else "affinity tracking was off"
+        lines += ["## Inter-task affinity (TAG)", "", f"No affinity measured in this run ({why}).", ""]
     if results.get("affinity") is not None:
         lines += ["## Inter-task affinity (TAG)", ""]
         z = _as_float_array(results["affinity"], 2, "affinity")

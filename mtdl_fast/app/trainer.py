@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,7 +53,7 @@ class RunConfig:
     width: int = 8
     weighting: str = "sum"
     strategy: str = "joint"
-    affinity_every: int = 10
+    affinity_every: int | None = 10
     affinity_mode: str = "exact"
     budget: int = 3
     device: str = "cpu"
@@ -59,19 +61,24 @@ class RunConfig:
     checkpoint_every: int = 100
     protocol: str = "default"
     eval_size: int = 512
+    threads: int = 1
 
     def validate(self) -> None:
         if not self.tasks:
             raise ValueError("tasks must name at least one distribution")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of steps and epochs")
-        for name in ("batch_size", "affinity_every", "budget", "checkpoint_every", "image_size", "eval_size"):
+        for name in ("batch_size", "budget", "checkpoint_every", "image_size", "eval_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.affinity_every is not None and self.affinity_every < 1:
+            raise ValueError(f"affinity_every must be >= 1 or None (no affinity), got {self.affinity_every}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"epochs must be a finite number > 0, got {self.epochs}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.strategy not in ("joint", "stgu"):
             raise ValueError(f"strategy must be 'joint' or 'stgu', got {self.strategy!r}")
         if self.protocol not in ("default", "paper"):
@@ -102,36 +109,72 @@ def load_dataset(config: RunConfig) -> Dataset:
         x_tr, y_tr = data.load_cifar10(config.data_dir, train=True)
         x_te, y_te = data.load_cifar10(config.data_dir, train=False)
         return Dataset(x_tr, y_tr, x_te, y_te, 10)
-    elif name in ("npz", "folder"):
-        if config.data_dir is None or not Path(config.data_dir).exists():
-            raise ValueError(f"--dataset {name} needs an existing --data-dir, got {config.data_dir!r}")
-        x, y = _load_npz(config.data_dir) if name == "npz" else _load_folder(config.data_dir, config.image_size)
+    elif name == "npz":
+        x, y = _load_npz(config.data_dir)
+    elif name == "folder":
+        x, y = _load_folder(config.data_dir, config.image_size)
     else:
         raise ValueError(f"unknown dataset {name!r}; choose digits, cifar10, npz or folder")
+    _check_labels(y, config.data_dir or name)
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed))
     cut = int(0.8 * x.shape[0])
+    if cut < 1 or cut == x.shape[0]:
+        raise ValueError(f"{config.data_dir or name} holds {x.shape[0]} images: too few for an 80/20 train/test split")
     train, test = perm[:cut], perm[cut:]
     return Dataset(x[train], y[train], x[test], y[test], int(y.max()) + 1)
 
 
-def _load_npz(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    arrays = np.load(path)
-    if "x" not in arrays or "y" not in arrays:
-        raise ValueError(f"{path} must hold arrays 'x' (N, C, H, W) uint8 and 'y' (N,) labels")
-    x = torch.from_numpy(np.ascontiguousarray(arrays["x"]))
+def _check_labels(y: torch.Tensor, source: str) -> None:
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"{source}: labels must be >= 0, found {int(y.min())}")
+    if torch.unique(y).numel() < 2:
+        raise ValueError(f"{source}: a classification run needs at least 2 classes, found {torch.unique(y).tolist()}")
+
+
+def _load_npz(path: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if path is None or not Path(path).is_file():
+        raise ValueError(f"--dataset npz needs --data-dir naming an .npz file, got {path!r}")
+    try:
+        arrays = np.load(path, allow_pickle=False)
+        if not isinstance(arrays, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        if "x" not in arrays or "y" not in arrays:
+            raise ValueError("it must hold arrays 'x' (N, C, H, W) uint8 and 'y' (N,) integer labels")
+        x_np, y_np = arrays["x"], arrays["y"]
+    except (OSError, ValueError, EOFError) as err:
+        # numpy's own message for a text or garbage file suggests allow_pickle=True: never do that
+        # with an untrusted file, and it would not help here.
+        detail = str(err) if "allow_pickle" not in str(err) else "not an .npz archive"
+        raise ValueError(f"{path} is not a readable .npz of x and y: {detail}") from None
+    x = torch.from_numpy(np.ascontiguousarray(x_np))
     if x.ndim != 4 or x.dtype != torch.uint8 or x.shape[1] not in (1, 3):
         raise ValueError(f"{path}: x must be uint8 (N, C, H, W) with C in {{1, 3}}, got {x.dtype} {tuple(x.shape)}")
-    return x, torch.from_numpy(arrays["y"]).long()
+    if y_np.ndim != 1 or not np.issubdtype(y_np.dtype, np.integer):
+        raise ValueError(f"{path}: y must be (N,) integer labels, got {y_np.dtype} {tuple(y_np.shape)}")
+    if y_np.shape[0] != x.shape[0]:
+        raise ValueError(f"{path}: x has {x.shape[0]} images but y has {y_np.shape[0]} labels")
+    return x, torch.from_numpy(y_np.astype(np.int64))
 
 
-def _load_folder(path: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_folder(path: str | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import UnidentifiedImageError
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    folder = ImageFolder(path, transform=v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)]))
-    if len(folder) == 0:
-        raise ValueError(f"{path} holds no images in class subfolders")
-    images, labels = zip(*[folder[i] for i in range(len(folder))])
+    if path is None or not Path(path).is_dir():
+        raise ValueError(f"--dataset folder needs --data-dir naming a folder of class subfolders, got {path!r}")
+    try:  # torchvision's loader converts every image to RGB
+        folder = ImageFolder(path, transform=v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)]))
+    except FileNotFoundError as err:  # no class folder, or a class folder without images
+        raise ValueError(f"{path}: {err}") from None
+    images, labels = [], []
+    for i, (file, _) in enumerate(folder.samples):
+        try:
+            image, label = folder[i]
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{file} is not a readable image ({type(err).__name__})") from None
+        images.append(image)
+        labels.append(label)
     return torch.stack(images), torch.tensor(labels)
 
 
@@ -198,38 +241,59 @@ def train(
     metrics_file = (out_dir / "metrics.jsonl").open("a") if out_dir is not None and main else None
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=label, unit="step",
                disable=None if main else True, leave=False)
-    step = start_step
-    try:
-        for step in bar:
-            idx = batch_indices(data.x_train.shape[0], config.batch_size, step, config.seed)[first : first + shard]
-            x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
-            t0 = time.perf_counter()
-            loss, info = engine.step(x, y)
-            loss_value = float(loss)
-            rate = x.shape[0] * dist_utils.world_size() / max(time.perf_counter() - t0, 1e-9)
-            row = {"step": step + 1, "loss": loss_value, "losses": [float(v) for v in info["losses"]],
-                   "images_per_s": rate, "affinity_step": info["affinity"] is not None,
-                   "skipped": bool(info["skipped"])}
-            rows.append(row)
-            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:,.0f}")
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(row) + "\n")
-            if out_dir is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
+    # Ctrl-C finishes the step in flight, then checkpoints: a checkpoint written mid-step would hold
+    # augmentation streams and optimizer state that have moved past its step count.
+    with _StopAtStepBoundary(enabled=out_dir is not None and not dist_utils.is_distributed()) as stop:
+        try:
+            for step in bar:
+                idx = batch_indices(data.x_train.shape[0], config.batch_size, step, config.seed)[first : first + shard]
+                x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+                t0 = time.perf_counter()
+                loss, info = engine.step(x, y)
+                loss_value = float(loss)
+                rate = x.shape[0] * dist_utils.world_size() / max(time.perf_counter() - t0, 1e-9)
+                row = {"step": step + 1, "loss": loss_value, "losses": [float(v) for v in info["losses"]],
+                       "images_per_s": rate, "affinity_step": info["affinity"] is not None,
+                       "skipped": bool(info["skipped"])}
+                rows.append(row)
+                bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:,.0f}")
                 if metrics_file is not None:
-                    metrics_file.flush()
-                save_run_checkpoint(out_dir / "checkpoint.pt", config, engine, step + 1)
-    except KeyboardInterrupt:
-        # Under torch.distributed the ranks may stop at different steps: a checkpoint needs all
-        # of them, so the last periodic one stands.
-        if out_dir is not None and not dist_utils.is_distributed():
-            metrics_file.flush()
-            save_run_checkpoint(out_dir / "checkpoint.pt", config, engine, len(rows) + start_step)
-        raise
-    finally:
-        if metrics_file is not None:
-            metrics_file.close()
-        bar.close()
+                    metrics_file.write(json.dumps(_jsonable(row), allow_nan=False) + "\n")
+                done = step + 1 == steps or stop.requested
+                if out_dir is not None and ((step + 1) % config.checkpoint_every == 0 or done):
+                    if metrics_file is not None:
+                        metrics_file.flush()
+                    save_run_checkpoint(out_dir / "checkpoint.pt", config, engine, step + 1)
+                if stop.requested:
+                    raise KeyboardInterrupt
+        finally:
+            if metrics_file is not None:
+                metrics_file.close()
+            bar.close()
     return rows
+
+
+class _StopAtStepBoundary:
+    """While active (main thread only), the first SIGINT only sets `requested`; the training loop
+    stops after the step in flight. A second SIGINT interrupts at once (the last checkpoint stands)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __enter__(self) -> _StopAtStepBoundary:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled and not self.requested:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def save_run_checkpoint(path: Path, config: RunConfig, engine: MTDLEngine, step: int) -> None:
@@ -338,16 +402,24 @@ def _read_metrics(path: Path, upto: int | None = None) -> list[dict]:
 
 def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None) -> dict:
     """The main job (see module docstring). Returns the results written to results.json."""
+    config.validate()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run(config, Path(out_dir), resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: RunConfig, out: Path, resume: str | Path | None) -> dict:
     from mtdl_fast.app.reports import write_report
     from mtdl_fast.grouping import select_groups
 
-    config.validate()
     device = dist_utils.init_from_env(resolve_device(config.device))
     main = dist_utils.is_main()
     data = load_dataset(config)
     if dist_utils.is_distributed() and data.x_train.shape[0] < config.batch_size:
         raise ValueError(f"batch_size={config.batch_size} exceeds the {data.x_train.shape[0]} training images")
-    out = Path(out_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
     names = list(config.tasks)
@@ -357,36 +429,43 @@ def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None
         start = load_run_checkpoint(resume, config, engine)
         if main:
             kept = _read_metrics(out / "metrics.jsonl", upto=start)
-            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+            (out / "metrics.jsonl").write_text("".join(json.dumps(_jsonable(r), allow_nan=False) + "\n" for r in kept))
     if main:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, allow_nan=False) + "\n")
     began = time.perf_counter()
-    train(config, engine, data, device, out_dir=out, start_step=start, label="all tasks")
-    affinity = engine.tracker.affinity.cpu().numpy() if engine.tracker is not None else np.zeros((1, 1))
-    grouping = dist_utils.broadcast_object(
-        select_groups(np.nan_to_num(affinity), budget=min(config.budget, len(names)), names=names) if main else None
-    )
-    group_record = {"groups": grouping.groups, "serving": list(grouping.serving), "score": float(grouping.score),
-                    "method": "tag", "names": names}
+    trained = train(config, engine, data, device, out_dir=out, start_step=start, label="all tasks")
+    train_seconds = time.perf_counter() - began
+    measured = engine.tracker is not None and engine.tracker.steps > 0
+    affinity = engine.tracker.affinity.cpu().numpy() if measured else None
+    grouping = None
+    if measured:
+        grouping = dist_utils.broadcast_object(
+            select_groups(np.nan_to_num(affinity), budget=min(config.budget, len(names)), names=names)
+            if main else None)
+    group_record = None if grouping is None else {
+        "groups": grouping.groups, "serving": list(grouping.serving), "score": float(grouping.score),
+        "method": "tag", "names": names}
     x_eval, y_eval = data.x_test[: config.eval_size].to(device), data.y_test[: config.eval_size].to(device)
     acc = evaluate(engine, names, names, x_eval, y_eval, config.seed)
     paper = None
-    if config.protocol == "paper":
+    if config.protocol == "paper" and grouping is not None:
         from mtdl_fast.app.protocol import paper_protocol
 
         paper = paper_protocol(config, names, data, device, acc[-1], grouping, x_eval, y_eval)
     if not main:
         return dist_utils.broadcast_object(None)
     metrics = _read_metrics(out / "metrics.jsonl")
-    np.save(out / "affinity.npy", affinity)
-    np.savetxt(out / "affinity.csv", affinity, delimiter=",", header=",".join(names), comments="")
-    (out / "groups.json").write_text(json.dumps(group_record, indent=2) + "\n")
+    if measured:
+        np.save(out / "affinity.npy", affinity)
+        np.savetxt(out / "affinity.csv", affinity, delimiter=",", header=",".join(names), comments="")
+        (out / "groups.json").write_text(json.dumps(group_record, indent=2) + "\n")
     if engine.group_updates is not None:
         groups = engine.group_updates.groups
         (out / "stgu.json").write_text(json.dumps({"groups": groups, "names": names}, indent=2) + "\n")
     results = {
         "names": names,
         "config": dataclasses.asdict(config),
+        "data": _describe_data(config, data, x_eval.shape[0]),
         "affinity": affinity,
         "affinity_steps": engine.tracker.steps if engine.tracker is not None else 0,
         "groups": group_record,
@@ -398,12 +477,30 @@ def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None
     if paper is not None:
         results["accuracy_matrices"].append(paper.pop("shift"))
         results.update(paper)
-    recent = [r["images_per_s"] for r in metrics[-50:]]
-    results["throughput"] = {"images_per_s": float(np.median(recent)) if recent else 0.0, "device": str(device)}
+    # Wall clock over the whole training loop (data, augmentation, affinity, checkpoints): what a
+    # user waits for, not the median of the fastest steps.
+    images = len(trained) * config.batch_size
+    results["throughput"] = {"images_per_s": images / max(train_seconds, 1e-9), "images": images,
+                             "seconds": train_seconds, "device": str(device)}
     results["timing"] = {"seconds": time.perf_counter() - began}
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
     write_report(out, results)
     return dist_utils.broadcast_object(results)
+
+
+def _describe_data(config: RunConfig, data: Dataset, eval_images: int) -> dict:
+    """What the report says about the data: source, classes, split sizes and preprocessing."""
+    preprocessing = {
+        "digits": f"scikit-learn's 8x8 digits resized to {config.image_size}x{config.image_size} (bilinear), "
+                  "1 channel, 80/20 split by the seed",
+        "cifar10": "CIFAR-10's own train/test split, 32x32 RGB",
+        "npz": "x (N, C, H, W) uint8 as stored, 80/20 split by the seed",
+        "folder": f"images converted to RGB and resized to {config.image_size}x{config.image_size}, "
+                  "80/20 split by the seed",
+    }[config.dataset]
+    return {"dataset": config.dataset, "classes": data.num_classes, "train": int(data.x_train.shape[0]),
+            "test": int(data.x_test.shape[0]), "evaluated": eval_images, "image": list(data.x_train.shape[1:]),
+            "preprocessing": preprocessing}
 
 
 def _jsonable(value):
