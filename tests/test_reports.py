@@ -39,11 +39,18 @@ def synthetic_results(k: int = 4) -> dict:
                      "title": "All tasks together: accuracy of each head on each distribution"},
         "accuracy_matrices": [{"rows": ["group 0", "group 1"], "cols": names,
                                "matrix": acc[:2], "title": "TAG groups"}],
-        "comparison": [
-            {"setting": "all together", "mean_accuracy": 0.812, "per_task": [0.9, 0.8, 0.77, 0.78]},
-            {"setting": "TAG groups", "mean_accuracy": 0.834, "per_task": [0.91, 0.82, 0.8, 0.806]},
-            {"setting": "each alone", "mean_accuracy": 0.79, "per_task": [0.88, 0.79, 0.75, None]},
-        ],
+        "protocol": {
+            "columns": [*names, "mean"], "seeds": [0, 1, 2],
+            "accuracy": {"all together": {"mean": [0.9, 0.8, 0.77, 0.78, 0.8125], "ci": [0.01] * 5},
+                         "TAG groups": {"mean": [0.91, 0.82, 0.8, 0.806, 0.834], "ci": [0.02] * 5},
+                         "each alone": {"mean": [0.88, 0.79, 0.75, None, 0.79], "ci": [float("nan")] * 5}},
+            "differences": {"TAG groups - all together": {"mean": [0.01, 0.02, 0.03, 0.026, 0.0215],
+                                                          "ci": [0.005] * 5},
+                            "TAG groups - each alone": {"mean": [0.03, 0.03, 0.05, 0.0, 0.044],
+                                                        "ci": [0.1] * 5}},
+            "rank_agreement": {"TAG exact": {"per_seed": [0.5, 0.6, 0.7], "mean": 0.6, "ci": 0.248}},
+            "groups": {0: {"TAG": [[0, 1], [2, 3]], "HOA": [[0, 2], [1, 3]]}},
+        },
         "pair_error": 1 - acc,
         "hoa_groups": {"groups": [[0, 2], [1, 3]]},
         "skipped_steps": 0,
@@ -74,7 +81,7 @@ def test_full_report(tmp_path):
         assert name in text
     # Sections in order.
     heads = ["# mtdl-fast run report", "## Configuration", "## Throughput", "## Accuracy",
-             "## Inter-task affinity (TAG)", "## Pairwise errors (HOA)", "## Task groups", "## Comparison",
+             "## Inter-task affinity (TAG)", "## Pairwise errors (HOA)", "## Task groups", "## Grouping analysis",
              "## Training curves"]
     positions = [text.index(h) for h in heads]
     assert positions == sorted(positions)
@@ -94,21 +101,23 @@ def test_full_report(tmp_path):
     assert "HOA groups (from the pairwise errors): {identity, rotate}; {horizontal_flip, color_jitter}" in text
     assert "| head identity |" in text and "| model |" in text
     assert "steps skipped for a non-finite loss: 0" in text
-    # Comparison rows, None -> n/a.
-    assert "| all together | 0.812 | 0.900 | 0.800 | 0.770 | 0.780 |" in text
-    assert "| TAG groups | 0.834 |" in text
-    assert "| each alone | 0.790 | 0.880 | 0.790 | 0.750 | n/a |" in text
+    # Grouping analysis: mean ± 95% half-width, None -> n/a, an undefined interval -> the mean alone.
+    assert "| all together | 0.900 ± 0.010 | 0.800 ± 0.010 | 0.770 ± 0.010 | 0.780 ± 0.010 | 0.812 ± 0.010 |" in text
+    assert "| each alone | 0.880 | 0.790 | 0.750 | n/a | 0.790 |" in text
+    assert "On average the TAG groups beat training all together (+0.021 ± 0.005)" in text
+    assert "are not distinguishable from training each alone" in text
+    assert "| TAG exact | 0.600 ± 0.248 | +0.50, +0.60, +0.70 |" in text
     # NaN affinity cell is n/a in the table.
     row = next(line for line in text.splitlines() if line.startswith("| horizontal_flip |") and "n/a" in line)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[0] == "horizontal_flip" and cells[4] == "n/a", cells
     # Figures: linked relatively, present, valid PNGs.
-    for png in ["accuracy.png", "accuracy_1.png", "affinity.png", "curves.png"]:
+    for png in ["accuracy.png", "accuracy_1.png", "affinity.png", "curves.png", "settings.png"]:
         assert f"]({png})" in text
         check_png(tmp_path / png)
     assert str(tmp_path) not in text
     # Deterministic: the same results give the same text (figure-free fields, to keep this fast).
-    text_only = {key: results[key] for key in ("names", "config", "groups", "comparison", "timing")}
+    text_only = {key: results[key] for key in ("names", "config", "groups", "timing")}
     first = reports.write_report(tmp_path / "a", text_only).read_text(encoding="utf-8")
     assert reports.write_report(tmp_path / "b", dict(text_only)).read_text(encoding="utf-8") == first
 

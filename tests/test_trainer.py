@@ -160,18 +160,44 @@ def test_run_with_selective_task_group_updates(tmp_path):
     assert main(["run", "--out", str(tmp_path / "bad"), *TINY, "--strategy", "round_robin"]) == 2
 
 
-def test_paper_protocol_compares_alone_together_and_groups(tmp_path):
-    results = run(tiny_config(protocol="paper", steps=4), tmp_path / "paper")
-    settings = [row["setting"] for row in results["comparison"]]
-    assert settings[:2] == ["each alone", "all together"] and settings[2].startswith("TAG groups")
-    assert settings[3].startswith("HOA groups")
-    for row in results["comparison"]:
-        assert len(row["per_task"]) == 3 and all(0 <= a <= 1 for a in row["per_task"])
+def test_paper_protocol_compares_settings_over_seeds_with_intervals(tmp_path):
+    results = run(tiny_config(protocol="paper", steps=4, seeds=2), tmp_path / "paper")
+    protocol = results["protocol"]
+    assert protocol["seeds"] == [0, 1] and protocol["columns"] == ["identity", "rotate", "brightness", "mean"]
+    assert list(protocol["accuracy"]) == ["each alone", "all together", "TAG groups", "HOA groups"]
+    for row in protocol["accuracy"].values():
+        assert len(row["mean"]) == 4 and all(0 <= a <= 1 for a in row["mean"])
+        assert all(c >= 0 for c in row["ci"])
+        assert row["mean"][-1] == pytest.approx(np.mean(row["mean"][:3]))
+    assert set(protocol["differences"]) == {"TAG groups - all together", "TAG groups - each alone"}
+    agreement = protocol["rank_agreement"]["TAG exact"]
+    assert len(agreement["per_seed"]) == 2
     shift = results["accuracy_matrices"][1]
     assert np.asarray(shift["matrix"]).shape == (4, 3)
     pair_error = np.asarray(results["pair_error"])
     assert pair_error.shape == (3, 3) and ((0 <= pair_error) & (pair_error <= 1)).all()
-    assert "HOA groups" in (tmp_path / "paper" / "report.md").read_text()
+    report = (tmp_path / "paper" / "report.md").read_text()
+    assert "## Grouping analysis" in report and " ± " in report and "Spearman" in report
+    assert (tmp_path / "paper" / "settings.png").is_file()
+
+
+def test_protocol_statistics_against_hand_computations():
+    from scipy import stats
+
+    from mtdl_fast.app.protocol import interval, pair_effects, rank_agreement
+
+    samples = np.array([[0.7, 0.9], [0.8, 0.8], [0.9, 0.7]])
+    mean, half = interval(samples)
+    np.testing.assert_allclose(mean, [0.8, 0.8])
+    np.testing.assert_allclose(half, stats.t.ppf(0.975, 2) * np.array([0.1, 0.1]) / np.sqrt(3))
+    pair = np.array([[0.5, 0.6, 0.4], [0.7, 0.6, 0.6], [0.5, 0.5, 0.5]])
+    alone = np.diag(pair).copy()
+    effects = pair_effects(pair, alone)
+    assert effects[0, 1] == pytest.approx((0.6 - 0.5) + (0.7 - 0.6))
+    assert effects[0, 2] == pytest.approx((0.4 - 0.5) + (0.5 - 0.5)) and effects[2, 0] == effects[0, 2]
+    signal = np.array([[0.0, 3.0, -1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])  # pair scores 3, -1, 1
+    assert rank_agreement(signal, effects) == pytest.approx(1.0)  # effects 0.2, -0.1, 0.0: same order
+    assert rank_agreement(-signal, effects) == pytest.approx(-1.0)
 
 
 @pytest.mark.parametrize("kind", ["npz", "folder"])

@@ -236,7 +236,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help=f"TAG affinity every N steps; 0 or none: no affinity (default {d.affinity_every})")
     p.add_argument("--affinity-mode", default=d.affinity_mode, help="exact or first_order")
     p.add_argument("--budget", type=int, default=d.budget, help=f"maximum number of task groups (default {d.budget})")
-    p.add_argument("--protocol", default=d.protocol, help="default, or paper: alone, pairs, all together, groups")
+    p.add_argument("--protocol", default=d.protocol,
+                   help="default, or paper: alone, every pair, all together and the groups, over --seeds seeds")
+    p.add_argument("--seeds", type=int, default=d.seeds,
+                   help=f"seeds of the paper protocol (default {d.seeds}), from --seed on")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a short run: {QUICK_STEPS} steps unless --steps/--epochs say otherwise")
     p.add_argument("--device", default=d.device, help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help=f"torch CPU threads (default {d.threads}: the fastest measured for the default run on a "
@@ -262,6 +267,9 @@ def _every(text: str) -> int | None:
     return value
 
 
+# --quick: long enough for the losses to fall and the affinity to take shape on the digits
+QUICK_STEPS = 50
+
 # What a resumed run may change: run longer, checkpoint more or less often. Anything else would
 # continue a different experiment under the old one's name.
 _RESUME_MAY_CHANGE = ("steps", "checkpoint_every")
@@ -276,13 +284,15 @@ def _config_from(args: argparse.Namespace):
         for op in task.split("+"):
             if op not in OPS:
                 raise CLIError(f"unknown task {op!r}; available: {', '.join(sorted({o.name for o in OPS.values()}))}")
-    steps = args.steps if args.steps is not None or args.epochs is not None else RunConfig().steps
+    default_steps = QUICK_STEPS if args.quick else RunConfig().steps
+    steps = args.steps if args.steps is not None or args.epochs is not None else default_steps
     config = RunConfig(tasks=tasks, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
                        steps=steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, model=args.model,
                        trunk=args.trunk, weighting=args.weighting, strategy=args.strategy,
                        affinity_every=args.affinity_every,
                        affinity_mode=args.affinity_mode, budget=args.budget, device=args.device, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every, protocol=args.protocol, threads=args.threads)
+                       checkpoint_every=args.checkpoint_every, protocol=args.protocol, threads=args.threads,
+                       seeds=args.seeds)
     try:
         config.validate()
     except ValueError as err:

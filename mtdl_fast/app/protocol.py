@@ -1,61 +1,165 @@
-"""The paper protocol of the grouping analysis: every distribution trained alone, every pair, all
-together and the TAG (and HOA) groups, each model evaluated on every distribution."""
+"""The grouping analysis ("--protocol paper"): does training the chosen groups beat training every
+distribution together and each alone, and does the affinity predict which pairs help each other?
+
+For each of `config.seeds` seeds: all K distributions together (with affinity tracking; the main
+run is the first seed's), each alone, every pair, then the TAG groups (from that seed's affinity)
+and the HOA groups (Standley et al., ICML 2020, from that seed's pair errors); every model is
+evaluated on every distribution, and each task of a grouping is scored by its serving group's
+model. Over the seeds every figure gets a mean and a 95% t-interval; differences between settings
+are paired by seed. Relatedness signals (TAG's exact affinity, the first-order gradient estimate,
+covariance similarity) are compared with the measured pair effects by Spearman rank correlation.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from mtdl_fast.app.trainer import Dataset, RunConfig, build_engine, evaluate, train
+from mtdl_fast.engine import MTDLEngine
+
+SETTINGS = ("each alone", "all together", "TAG groups", "HOA groups")
 
 
-def _train_subset(config: RunConfig, names: Sequence[str], data: Dataset, device: torch.device, label: str):
+@dataclasses.dataclass
+class SeedOutcome:
+    """One seed of the protocol. Accuracies are each task's on its own distribution."""
+
+    seed: int
+    alone: np.ndarray          # (K,)
+    pair: np.ndarray           # (K, K): task a's accuracy trained with b; diagonal = alone
+    together: np.ndarray       # (K,)
+    tag: np.ndarray            # (K,) served by its TAG group's model
+    hoa: np.ndarray            # (K,) served by its HOA group's model
+    tag_groups: list[list[int]]
+    hoa_groups: list[list[int]]
+    shift: np.ndarray          # (K + 1, K): each alone-model and the together-model on every distribution
+    signals: dict[str, np.ndarray]  # relatedness signals (K, K)
+
+
+def interval(samples: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and half-width of the 95% Student t-interval over `axis` (NaN half-width for one sample)."""
+    from scipy import stats
+
+    samples = np.asarray(samples, dtype=np.float64)
+    n = samples.shape[axis]
+    mean = samples.mean(axis=axis)
+    if n < 2:
+        return mean, np.full_like(mean, np.nan)
+    sem = samples.std(axis=axis, ddof=1) / np.sqrt(n)
+    return mean, stats.t.ppf(0.975, n - 1) * sem
+
+
+def pair_effects(pair: np.ndarray, alone: np.ndarray) -> np.ndarray:
+    """(K, K) symmetric: how much training a and b together changed both, summed:
+    (acc_a with b - acc_a alone) + (acc_b with a - acc_b alone)."""
+    gain = pair - alone[:, None]
+    np.fill_diagonal(gain, 0.0)
+    return gain + gain.T
+
+
+def rank_agreement(signal: np.ndarray, effects: np.ndarray) -> float:
+    """Spearman correlation over the pairs a < b between signal[a, b] + signal[b, a] and the pair effect."""
+    from scipy import stats
+
+    upper = np.triu_indices(signal.shape[0], k=1)
+    score = (signal + signal.T)[upper]
+    if np.ptp(score) == 0 or np.ptp(effects[upper]) == 0:
+        return float("nan")  # no ranking to compare
+    return float(stats.spearmanr(score, effects[upper]).statistic)
+
+
+def _train(config: RunConfig, names: Sequence[str], data: Dataset, device: torch.device, label: str) -> MTDLEngine:
     engine = build_engine(config, names, data, device)
     train(config, engine, data, device, label=label)
     return engine
 
 
+def _served(result_groups: list[list[int]], serving: Sequence[int], config: RunConfig, names: list[str],
+            data: Dataset, device: torch.device, x_eval, y_eval, label: str) -> np.ndarray:
+    """Each task's accuracy under the model of the group that serves it."""
+    per_task = np.zeros(len(names))
+    for g, members in enumerate(result_groups):
+        group_names = [names[m] for m in members]
+        engine = _train(config, group_names, data, device, f"{label} group {g}")
+        acc = evaluate(engine, group_names, names, x_eval, y_eval, config.seed)[-1]
+        for task in range(len(names)):
+            if serving[task] == g:
+                per_task[task] = acc[task]
+    return per_task
 
-def paper_protocol(config, names, data, device, together_acc, grouping, x_eval, y_eval) -> dict:
-    """Each distribution alone, every pair, all together and the TAG (and HOA) groups, each model
-    evaluated on every distribution; each task of a grouping is served by its group's model."""
+
+def run_seed(config: RunConfig, names: list[str], data: Dataset, device: torch.device, x_eval, y_eval,
+             together: tuple[MTDLEngine, np.ndarray] | None = None,
+             signals: Callable[[MTDLEngine], dict[str, np.ndarray]] | None = None) -> SeedOutcome:
+    """The protocol for `config.seed`; `together` = (engine, accuracy row) of a finished run with
+    affinity tracking on all K tasks, trained here when None."""
     from mtdl_fast.grouping import select_groups
 
     k = len(names)
-    alone = np.stack([evaluate(_train_subset(config, [n], data, device, f"alone {n}"), [n], names,
-                               x_eval, y_eval, config.seed)[-1] for n in names])
-    pair_error = np.zeros((k, k))
-    for a in range(k):
-        pair_error[a, a] = 1 - alone[a, a]
+    budget = min(config.budget, k)
+    if together is None:
+        engine = _train(config, names, data, device, f"seed {config.seed}: all together")
+        together = engine, evaluate(engine, names, names, x_eval, y_eval, config.seed)[-1]
+    engine, together_acc = together
+    affinity = engine.tracker.affinity.cpu().numpy()
+    tag = select_groups(np.nan_to_num(affinity), budget=budget, names=names)
+    plain = dataclasses.replace(config, affinity_every=None)  # sub-runs only need their accuracy
+    alone_models = np.stack([
+        evaluate(_train(plain, [n], data, device, f"seed {config.seed}: alone {n}"), [n], names, x_eval, y_eval,
+                 config.seed)[-1] for n in names])
+    pair = np.diag(np.diag(alone_models)).astype(np.float64)
     for a in range(k):
         for b in range(a + 1, k):
-            engine = _train_subset(config, [names[a], names[b]], data, device, f"pair {names[a]}+{names[b]}")
-            acc = evaluate(engine, [names[a], names[b]], [names[a], names[b]], x_eval, y_eval, config.seed)[-1]
-            pair_error[a, b], pair_error[b, a] = 1 - acc[0], 1 - acc[1]
-    hoa = select_groups(pair_error, budget=min(config.budget, k), method="hoa", names=names)
+            duo = [names[a], names[b]]
+            acc = evaluate(_train(plain, duo, data, device, f"seed {config.seed}: pair {'+'.join(duo)}"), duo, duo,
+                           x_eval, y_eval, config.seed)[-1]
+            pair[a, b], pair[b, a] = acc[0], acc[1]
+    hoa = select_groups(1.0 - pair, budget=budget, method="hoa", names=names)
+    found = {"TAG exact": affinity, **(signals(engine) if signals is not None else {})}
+    return SeedOutcome(
+        seed=config.seed, alone=np.diag(alone_models).copy(), pair=pair, together=np.asarray(together_acc),
+        tag=_served(tag.groups, tag.serving, plain, names, data, device, x_eval, y_eval, f"seed {config.seed}: TAG"),
+        hoa=_served(hoa.groups, hoa.serving, plain, names, data, device, x_eval, y_eval, f"seed {config.seed}: HOA"),
+        tag_groups=tag.groups, hoa_groups=hoa.groups,
+        shift=np.vstack([alone_models, np.asarray(together_acc)[None]]), signals=found)
 
-    def grouped(result, label):
-        per_task = np.zeros(k)
-        for g, members in enumerate(result.groups):
-            group_names = [names[m] for m in members]
-            engine = _train_subset(config, group_names, data, device, f"{label} group {g}")
-            acc = evaluate(engine, group_names, names, x_eval, y_eval, config.seed)[-1]
-            for task in range(k):
-                if result.serving[task] == g:
-                    per_task[task] = acc[task]
-        return per_task
 
-    tag_acc, hoa_acc = grouped(grouping, "TAG"), grouped(hoa, "HOA")
-    own = np.diag(alone)
-    comparison = [
-        {"setting": "each alone", "mean_accuracy": float(own.mean()), "per_task": own.tolist()},
-        {"setting": "all together", "mean_accuracy": float(together_acc.mean()), "per_task": together_acc.tolist()},
-        {"setting": f"TAG groups {grouping.groups}", "mean_accuracy": float(tag_acc.mean()),
-         "per_task": tag_acc.tolist()},
-        {"setting": f"HOA groups {hoa.groups}", "mean_accuracy": float(hoa_acc.mean()), "per_task": hoa_acc.tolist()},
-    ]
+def summarise(outcomes: Sequence[SeedOutcome], names: list[str]) -> dict:
+    """Means and 95% intervals over seeds: per setting and distribution, the paired differences of
+    the TAG groups against together and alone, and each signal's rank agreement with pair effects."""
+    per_setting = {s: np.stack([getattr(o, a) for o in outcomes])
+                   for s, a in zip(SETTINGS, ("alone", "together", "tag", "hoa"))}
+    with_mean = {s: np.hstack([v, v.mean(1, keepdims=True)]) for s, v in per_setting.items()}  # (seeds, K + 1)
+    table = {s: dict(zip(("mean", "ci"), (m.tolist() for m in interval(v)))) for s, v in with_mean.items()}
+    differences = {f"TAG groups - {other}": dict(zip(("mean", "ci"), (m.tolist() for m in interval(
+        with_mean["TAG groups"] - with_mean[other])))) for other in ("all together", "each alone")}
+    agreement = {}
+    for signal in outcomes[0].signals:
+        rho = np.array([rank_agreement(o.signals[signal], pair_effects(o.pair, o.alone)) for o in outcomes])
+        mean, ci = interval(rho[np.isfinite(rho)]) if np.isfinite(rho).any() else (np.nan, np.nan)
+        agreement[signal] = {"per_seed": rho.tolist(), "mean": float(mean), "ci": float(ci)}
+    return {"columns": [*names, "mean"], "seeds": [o.seed for o in outcomes], "accuracy": table,
+            "differences": differences, "rank_agreement": agreement,
+            "groups": {o.seed: {"TAG": o.tag_groups, "HOA": o.hoa_groups} for o in outcomes}}
+
+
+def paper_protocol(config: RunConfig, names: list[str], data: Dataset, device: torch.device,
+                   main: tuple[MTDLEngine, np.ndarray], x_eval, y_eval,
+                   signals: Callable[[MTDLEngine], dict[str, np.ndarray]] | None = None) -> dict:
+    """The whole analysis over `config.seeds` seeds starting at `config.seed`; `main` is the finished
+    main run (its engine and its together-accuracy row), reused as the first seed's together run."""
+    outcomes = []
+    for offset in range(config.seeds):
+        seeded = dataclasses.replace(config, seed=config.seed + offset)
+        outcomes.append(run_seed(seeded, names, data, device, x_eval, y_eval,
+                                 together=main if offset == 0 else None, signals=signals))
+    first = outcomes[0]
     shift = {"rows": [f"trained on {n}" for n in names] + ["trained on all"], "cols": names,
-             "matrix": np.vstack([alone, together_acc[None]]),
-             "title": "Distribution shift: accuracy of each trained model on every distribution"}
-    return {"comparison": comparison, "pair_error": pair_error, "hoa_groups": {"groups": hoa.groups}, "shift": shift}
+             "matrix": np.mean([o.shift for o in outcomes], axis=0),
+             "title": f"Distribution shift: accuracy of each trained model on every distribution "
+                      f"(mean over {len(outcomes)} seeds)"}
+    return {"protocol": summarise(outcomes, names), "pair_error": 1.0 - np.mean([o.pair for o in outcomes], axis=0),
+            "hoa_groups": {"groups": first.hoa_groups}, "shift": shift}

@@ -478,6 +478,71 @@ def _groups_section(groups: Mapping[str, Any], names: list[str], affinity: np.nd
 # the report
 # ----------------------------------------------------------------------------------------------
 
+def _pm(mean: float, ci: float, fmt: str = "{:.3f}") -> str:
+    """'mean ± half-width' (the half-width of a 95% interval), 'mean' alone when it is undefined."""
+    if ci is None or not np.isfinite(ci):
+        return _fmt(mean, fmt)
+    return f"{_fmt(mean, fmt)} ± {_fmt(ci, fmt.replace('+', ''))}"
+
+
+def plot_settings(protocol: Mapping[str, Any], path: str | Path) -> None:
+    """Accuracy of each training setting per distribution (and the mean), with 95% interval bars."""
+    columns = list(protocol["columns"])
+    settings = list(protocol["accuracy"])
+    fig = _figure((max(7.0, 0.9 * len(columns) + 2.5), 4.2))
+    ax = fig.subplots()
+    width = 0.8 / len(settings)
+    x = np.arange(len(columns))
+    cmap = matplotlib.colormaps["tab10"]
+    for i, setting in enumerate(settings):
+        mean = np.asarray(protocol["accuracy"][setting]["mean"], dtype=np.float64)
+        ci = np.nan_to_num(np.asarray(protocol["accuracy"][setting]["ci"], dtype=np.float64))
+        ax.bar(x + (i - (len(settings) - 1) / 2) * width, mean, width, yerr=ci, capsize=2, color=cmap(i),
+               label=setting)
+    ax.set_xticks(x, columns, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy on its own distribution")
+    ax.set_title(f"Accuracy per training setting (mean and 95% interval over {len(protocol['seeds'])} seeds)",
+                 fontsize=10)
+    ax.legend(fontsize=8, ncol=len(settings), loc="lower center", bbox_to_anchor=(0.5, 1.08), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def _protocol_section(protocol: Mapping[str, Any], out: Path) -> list[str]:
+    columns = list(protocol["columns"])
+    seeds = list(protocol["seeds"])
+    lines = ["## Grouping analysis", "",
+             f"Every setting trained and evaluated with {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
+             "each cell is the mean accuracy of a task on its own distribution and the half-width of its 95% "
+             "t-interval over seeds. A grouping scores each task with the model of the group that serves it.", ""]
+    rows = list(protocol["accuracy"])
+    cells = [[_pm(m, c) for m, c in zip(protocol["accuracy"][r]["mean"], protocol["accuracy"][r]["ci"])]
+             for r in rows]
+    plot_settings(protocol, out / "settings.png")
+    lines += [markdown_table(cells, rows, columns, corner="setting"), "", "![accuracy per setting](settings.png)",
+              "", "Paired by seed (positive: the TAG groups are better):", ""]
+    diffs = list(protocol["differences"])
+    cells = [[_pm(m, c, "{:+.3f}") for m, c in zip(protocol["differences"][d]["mean"],
+                                                    protocol["differences"][d]["ci"])] for d in diffs]
+    lines += [markdown_table(cells, diffs, columns, corner="difference"), ""]
+    for name, verdict in (("all together", "TAG groups - all together"), ("each alone", "TAG groups - each alone")):
+        mean, ci = protocol["differences"][verdict]["mean"][-1], protocol["differences"][verdict]["ci"][-1]
+        if np.isfinite(ci):
+            word = "beat" if mean - ci > 0 else "lose to" if mean + ci < 0 else "are not distinguishable from"
+            lines.append(f"- On average the TAG groups {word} training {name} ({_pm(mean, ci, '{:+.3f}')}).")
+    lines += ["", "Does a relatedness signal predict which pairs help each other? Spearman correlation, over the "
+              "pairs (a, b), between signal[a, b] + signal[b, a] and the measured pair effect (accuracy of a "
+              "trained with b minus a alone, plus the same for b); mean and 95% interval over seeds:", ""]
+    agreement = protocol["rank_agreement"]
+    cells = [[_pm(v["mean"], v["ci"]), ", ".join(_fmt(r, "{:+.2f}") for r in v["per_seed"])]
+             for v in agreement.values()]
+    lines += [markdown_table(cells, list(agreement), ["rank correlation", "per seed"], corner="signal"), ""]
+    groups = protocol["groups"]
+    lines += ["Groups chosen per seed: " + "; ".join(
+        f"seed {seed}: TAG {g['TAG']}, HOA {g['HOA']}" for seed, g in groups.items()), ""]
+    return lines
+
+
 # Below this many evaluated images, one image moves an accuracy by more than 1%.
 _SMALL_TEST_SET = 100
 
@@ -547,7 +612,8 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any]) -> Path:
       ``affinity`` by TAG's rule.
     * ``accuracy``: ``{"rows", "cols", "matrix" (R, E), "title"}``; more in ``accuracy_matrices``
       (a list of such dicts). Figures: ``accuracy.png``, then ``accuracy_1.png``, ...
-    * ``comparison``: list of ``{"setting", "mean_accuracy", "per_task": [K floats]}``.
+    * ``protocol``: the grouping analysis over seeds (`mtdl_fast.app.protocol.summarise`): accuracy
+      per setting with 95% intervals, paired differences, rank agreement of each relatedness signal.
     * ``metrics``: the JSONL metric rows (``step``, ``loss``, ``losses``, ``images_per_s``).
     * ``throughput``: ``{"images_per_s", "device"}``; ``timing``: ``{"seconds"}``.
     * also shown when present: ``pair_error`` (K, K) (error of task a trained with b; a table),
@@ -662,19 +728,9 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any]) -> Path:
             "{" + ", ".join(_cell(names[t]) if 0 <= int(t) < k else f"task {t}" for t in g) + "}"
             for g in hoa), ""]
 
-    # -- comparison
-    comparison = results.get("comparison")
-    if comparison:
-        width = max([k] + [len(c.get("per_task") or []) for c in comparison])
-        cols = ["mean"] + (names + [f"task {i}" for i in range(k, width)])
-        matrix = []
-        for c in comparison:
-            per = list(c.get("per_task") or [])
-            per = per + [None] * (width - len(per))
-            matrix.append([c.get("mean_accuracy")] + per)
-        lines += ["## Comparison", "", "Accuracy of each task's serving model, per training setting.", "",
-                  markdown_table(matrix, [str(c.get("setting", "")) for c in comparison], cols,
-                                 fmt="{:.3f}", corner="setting"), ""]
+    # -- the grouping analysis (--protocol paper)
+    if results.get("protocol"):
+        lines += _protocol_section(results["protocol"], out)
 
     # -- curves
     metrics = results.get("metrics")

@@ -62,13 +62,14 @@ class RunConfig:
     protocol: str = "default"
     eval_size: int = 512
     threads: int = 1
+    seeds: int = 3
 
     def validate(self) -> None:
         if not self.tasks:
             raise ValueError("tasks must name at least one distribution")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of steps and epochs")
-        for name in ("batch_size", "budget", "checkpoint_every", "image_size", "eval_size", "threads"):
+        for name in ("batch_size", "budget", "checkpoint_every", "image_size", "eval_size", "threads", "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.affinity_every is not None and self.affinity_every < 1:
@@ -451,7 +452,7 @@ def _run(config: RunConfig, out: Path, resume: str | Path | None) -> dict:
     if config.protocol == "paper" and grouping is not None:
         from mtdl_fast.app.protocol import paper_protocol
 
-        paper = paper_protocol(config, names, data, device, acc[-1], grouping, x_eval, y_eval)
+        paper = paper_protocol(config, names, data, device, (engine, acc[-1]), x_eval, y_eval)
     if not main:
         return dist_utils.broadcast_object(None)
     metrics = _read_metrics(out / "metrics.jsonl")
