@@ -8,7 +8,7 @@ ABI (the task layer in `mtdl_fast.tasks` fills these tables; this file owns thei
 * ``params[v, b, :]`` (float32, ``N_SLOTS`` wide) holds image b's parameters for view v at the
   ``SLOT_*`` offsets below. Slots an op does not use are ignored.
 * Arithmetic is float32 on images in [0, 1]; uint8 input is scaled by 1/255 at load. The meaning of
-  every op is torchvision.transforms.v2.functional on float images (see ../shared/SEMANTICS.md).
+  every op is torchvision.transforms.v2.functional on float images.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ OP_GRAYSCALE = 5      # gray(x) broadcast to all C channels
 OP_INVERT = 6         # 1 - x
 OP_SOLARIZE = 7       # where(x >= t, 1 - x, x)
 OP_POSTERIZE = 8      # floor(x * 2^bits).clamp(0, 2^bits - 1) / 2^bits
-OP_NOISE = 9          # x + mean + sigma * randn (Philox keyed by seed, view, image, channel, pixel); clip
+OP_NOISE = 9          # x + mean + sigma * randn (Philox keyed by seed, view, image, op slot, pixel); clip
 OP_ERASE = 10         # pixels in the box [top, top+h) x [left, left+w) set to value
 
 MAX_OPS = 8
@@ -61,14 +61,16 @@ N_SLOTS = 32
 # Implementation. Everything below the ABI header may change; the header's codes and slots may not.
 # --------------------------------------------------------------------------------------------------
 import contextlib  # noqa: E402  (imports follow the ABI header on purpose)
+import itertools  # noqa: E402
 import math  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ._launch import interpreting, sm_count  # noqa: E402
+from ._launch import Launch, interpreting, sm_count  # noqa: E402
 
 N_SPATIAL = 4         # spatial codes are 0 .. N_SPATIAL - 1
 N_OPS = 11            # op codes are 0 .. N_OPS - 1
@@ -135,7 +137,7 @@ _S_EVAL = tl.constexpr(SLOT_ERASE_VALUE)
 #   program runs exactly the code of its view (no divergence).
 # * grid = (tiles of H*W, images). Axis 0 (fastest in launch order) walks neighbouring tiles of one
 #   image so gathers of adjacent programs overlap in L2. BLOCK = 32 * num_warps (one pixel per
-#   thread, see _pick_block): the fused program is register-heavy, not bandwidth-bound per thread.
+#   thread, see _gpu_block): the fused program is register-heavy, not bandwidth-bound per thread.
 # * Contrast needs a whole-image mean of the state just before OP_CONTRAST: a pre-pass kernel
 #   (same grid, same _view_state code cut at the contrast op) writes one partial sum of gray per
 #   (view, image, tile); the main kernel sums the n_tiles partials of its (view, image) in a fixed
@@ -392,6 +394,59 @@ def _hue(c0, c1, c2, hf):
     return o0, o1, o2
 
 
+# Noise (OP_NOISE), exactly, so that another backend can reproduce the stream; results may differ
+# from this kernel's only by the rounding of log, sqrt, sin and cos.
+# * Counter: n = ((v * B + b) * MAX_OPS + j) * (H * W) + p, a 64-bit integer: v the view, b the image's
+#   index in x (B images), j the op's position in ops[v, :], p = y * W + x the pixel's flat index.
+# * Philox4x32-10 (Random123's philox4x32 with 10 rounds; Triton's tl.randint4x): counter words
+#   (c0, c1, c2, c3) = (n mod 2^32, n >> 32, 0, 0), key words (k0, k1) = (s mod 2^32, s >> 32) with
+#   s = seed mod 2^63. Each round, with A = 0xD2511F53, B = 0xCD9E8D57 and 32-bit words (hi/lo: the
+#   upper/lower 32 bits of the 64-bit product):
+#     (c0, c1, c2, c3) <- (hi(B * c2) ^ c1 ^ k0, lo(B * c2), hi(A * c0) ^ c3 ^ k1, lo(A * c0)),
+#     then k0 += 0x9E3779B9, k1 += 0xBB67AE85 (mod 2^32). The outputs x0..x3 are c0..c3 after round 10.
+# * Uniforms (Triton's tl.rand4x): i = x reinterpreted as int32, u = float32(i >= 0 ? i : ~i) *
+#   4.6566127342e-10f (int -> float32 rounds to nearest even, then one float32 product); u in [0, 1).
+# * Box-Muller on (u0, u1) and (u2, u3): r(u) = sqrt(-2 ln(max(u, 1e-7))),
+#     n0 = r(u0) cos(2 pi u1),  n1 = r(u0) sin(2 pi u1),  n2 = r(u2) cos(2 pi u3)  (x3's sine is unused).
+# * Channel c gets x + (mean + n_c * sigma): channel 0 n0, 1 n1, 2 n2 (C == 1: n0 only), then
+#   clamp(0, 1) when SLOT_NOISE_CLIP > 0.5.
+@triton.jit
+def _sincos_turns(u):
+    """(sin(2 pi u), cos(2 pi u)) in float32 arithmetic only. libdevice's sinf/cosf carry a
+    Payne-Hanek slow path for huge arguments whose local array and call cost every program a stack
+    frame and spills; Box-Muller's angle is 2 pi u with u in [0, 1), so a quarter-turn reduction
+    suffices: q = the nearest quarter turn, r = u - q / 4 in [-1/8, 1/8] (exact: Sterbenz),
+    t = 2 pi r in [-pi/4, pi/4], Taylor polynomials of degree 9 and 10 (truncation < 2e-9), then
+    rotation by q quarter turns."""
+    q = tl.floor(u * 4.0 + 0.5)
+    t = (u - q * 0.25) * 6.283185307179586
+    t2 = t * t
+    s = t + t * t2 * (-0.16666666666666666 + t2 * (0.008333333333333333 + t2 * (
+        -0.0001984126984126984 + t2 * 2.7557319223985893e-06)))
+    c = 1.0 + t2 * (-0.5 + t2 * (0.041666666666666664 + t2 * (-0.001388888888888889 + t2 * (
+        2.48015873015873e-05 - t2 * 2.755731922398589e-07))))
+    quarter = q.to(tl.int32) & 3
+    sin = tl.where(quarter == 0, s, tl.where(quarter == 1, c, tl.where(quarter == 2, -s, -c)))
+    cos = tl.where(quarter == 0, c, tl.where(quarter == 1, -s, tl.where(quarter == 2, -c, s)))
+    return sin, cos
+
+
+@triton.jit
+def _normals(seed, counter, C: tl.constexpr):
+    """Standard normals n0, n1, n2 of one Philox counter per pixel (the "Noise" recipe above)."""
+    u0, u1, u2, u3 = tl.rand4x(seed, counter)
+    r01 = tl.sqrt(-2.0 * tl.log(tl.maximum(u0, 1.0e-7)))
+    s1, c1 = _sincos_turns(u1)
+    n0 = r01 * c1
+    n1 = r01 * s1
+    if C == 3:
+        _, c3 = _sincos_turns(u3)
+        n2 = tl.sqrt(-2.0 * tl.log(tl.maximum(u2, 1.0e-7))) * c3
+    else:
+        n2 = n0
+    return n0, n1, n2
+
+
 @triton.jit
 def _contrast_mean(partials_ptr, vb, n_tiles, HW, PBLOCK: tl.constexpr):
     # Deterministic: every program of image vb sums the same partials in the same order.
@@ -483,9 +538,8 @@ def _view_state(x_img, spatial_ptr, ops_ptr, params_ptr, partials_ptr,
             nmean = tl.load(prm + _S_NMEAN)
             nsig = tl.load(prm + _S_NSIGMA)
             clip = tl.load(prm + _S_NCLIP) > 0.5
-            # One Philox counter per (view, image, op slot, pixel); channels take its 3 outputs.
-            key = (vb * _MAX_OPS + j) * HW + offs
-            n0, n1, n2, n3 = tl.randn4x(seed, key)
+            # One Philox counter per (view, image, op slot, pixel); see "Noise" above _normals.
+            n0, n1, n2 = _normals(seed, (vb * _MAX_OPS + j) * HW + offs, C)
             c0 = c0 + (nmean + n0 * nsig)
             if C == 3:
                 c1 = c1 + (nmean + n1 * nsig)
@@ -591,42 +645,140 @@ def _fused_views_kernel(x_ptr, out_ptr, spatial_ptr, ops_ptr, params_ptr, partia
 # --------------------------------------------------------------------------------------------------
 _IN_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TABLE_CACHE: dict = {}
+_MAX_WARPS = 4
+# Registers per thread (ptxas' maxnreg) of the main kernel and of the pre-pass by channel count; see
+# _gpu_block for why.
+_REGISTERS_MAIN = {1: 64, 3: 96}
+_REGISTERS_PREPASS = {1: 72, 3: 128}
+# Host tables seen before: their codes -> has_contrast, and their device copies by (codes, device).
+# A run uses a handful of task lists, so both stay tiny; they are emptied when they reach the cap.
+_MAX_CACHED_TABLES = 64
+_CHECKED_TABLES: dict[tuple, bool] = {}
+_DEVICE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+class Program(NamedTuple):
+    """A fused K-view call whose arguments passed :func:`check_program`: what a launch needs besides
+    the tensors x and params."""
+
+    B: int
+    C: int
+    H: int
+    W: int
+    K: int
+    spatial: torch.Tensor                  # (K,) int32 on the host
+    ops: torch.Tensor                      # (K, MAX_OPS) int32 on the host
+    codes: tuple[tuple[int, ...], tuple[int, ...]]  # (spatial, ops row-major) as ints: the cache key
+    has_contrast: bool                     # some view has OP_CONTRAST: the pre-pass runs
+    normalize: bool                        # mean or std was given
+    mean: tuple[float, float, float]       # the C means, padded with 0.0
+    std: tuple[float, float, float]        # the C stds, padded with 1.0
+    seed: int                              # the noise seed modulo 2**63
+    out_dtype: torch.dtype
+    out: torch.Tensor | None               # the caller's checked output; None: allocate one
 
 
+def check_program(
+    x: torch.Tensor,
+    spatial: torch.Tensor,
+    ops: torch.Tensor,
+    params: torch.Tensor,
+    *,
+    seed: int = 0,
+    out_dtype: torch.dtype = torch.float32,
+    mean: Sequence[float] | torch.Tensor | None = None,
+    std: Sequence[float] | torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    devices: Sequence[str] = ("cuda",),
+) -> Program:
+    """Checks a fused K-view call on the host without synchronising: the checks and messages of every
+    backend of this file's ABI (wrong types raise TypeError, wrong values ValueError).
 
-def _pick_block(hw: int, batch: int, device: torch.device) -> tuple[int, int]:
-    """BLOCK (pixels per program) and num_warps, keyed on H*W (and the batch, to fill the GPU).
+    Arguments as :func:`fused_views`; ``devices`` lists the device types x may live on. spatial and
+    ops must be CPU tensors (the program lives on the host; nothing is read back from a device).
+    Their content is validated once and the verdict cached, so a call with tables seen before costs
+    two ``tolist()`` and a dict lookup, no torch op. Nothing on x's device is read.
 
-    One pixel per thread: the fused program keeps ~25 float vectors live (centre, state, four
-    bilinear corners, hue temporaries); at one pixel per thread ptxas (sm_90) needs ~100 registers
-    and does not spill, at two it needs ~220 (one CTA per SM), at four it spills. So BLOCK is
-    32 * num_warps: 256 for large planes, smaller for small images or when the grid would not give
-    every SM a few programs.
+    Returns the :class:`Program`: sizes, the host tables, whether the contrast pre-pass is needed,
+    mean/std as floats, the seed modulo 2**63 and the checked ``out``.
     """
-    block = triton.next_power_of_2(hw)
-    if interpreting():  # the interpreter pays per program: fewest, largest tiles
-        return max(16, min(1024, block)), 4
-    block = max(64, min(256, block))
-    while block > 64 and triton.cdiv(hw, block) * batch < 4 * sm_count(device):
-        block //= 2
-    return block, block // 32
+    B, C, H, W = _check_images(x, devices)
+    K, codes, has_contrast = _check_tables(spatial, ops)
+    _check_table("params", params, (K, B, N_SLOTS), torch.float32)
+    if params.device != x.device:
+        raise ValueError(f"params must be on x's device {x.device}, got {params.device}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if out is not None:
+        _check_out(out, (K, B, C, H, W), out_dtype, x.device)
+    mvals = _channel_values("mean", mean, C, 0.0)
+    svals = _channel_values("std", std, C, 1.0)
+    if any(s == 0.0 or not math.isfinite(s) for s in svals):
+        raise ValueError(f"std must be finite and non-zero, got {list(svals[:C])}")
+    if not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return Program(B, C, H, W, K, spatial, ops, codes, has_contrast, mean is not None or std is not None,
+                   mvals, svals, seed % (1 << 63), out_dtype, out)
 
 
-def _device_tables(spatial, ops, sp_h, ops_h, device):
-    """spatial/ops on the kernel's device. Host tables are copied once per distinct content."""
-    if spatial.device == device and ops.device == device:
-        return spatial.contiguous(), ops.contiguous()
-    key = (str(device), sp_h.numpy().tobytes(), ops_h.contiguous().numpy().tobytes())
-    hit = _TABLE_CACHE.get(key)
-    if hit is None:
-        if len(_TABLE_CACHE) >= 64:
-            _TABLE_CACHE.clear()
-        hit = (sp_h.to(device).contiguous(), ops_h.to(device).contiguous())
-        _TABLE_CACHE[key] = hit
-    return hit
+def _check_images(x, devices: Sequence[str]) -> tuple[int, int, int, int]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have rank 4 (B, C, H, W), got rank {x.dim()} with shape {tuple(x.shape)}")
+    B, C, H, W = (int(s) for s in x.shape)
+    if C not in (1, 3):
+        raise ValueError(f"x must have C in (1, 3) channels, got C={C} (shape {tuple(x.shape)})")
+    if x.dtype not in _IN_DTYPES:
+        raise ValueError(f"x must have dtype uint8, float16, bfloat16 or float32, got {x.dtype}")
+    if x.device.type not in devices:
+        kinds = " or ".join(d.upper() for d in devices)
+        hint = " (CPU tensors run only under TRITON_INTERPRET=1)" if tuple(devices) == ("cuda",) else ""
+        raise ValueError(f"x must be a {kinds} tensor{hint}, got device {x.device}")
+    return B, C, H, W
+
+
+def _check_tables(spatial, ops) -> tuple[int, tuple, bool]:
+    """K, the tables' codes and has_contrast; the content is validated once per distinct codes."""
+    if not isinstance(spatial, torch.Tensor):
+        raise TypeError(f"spatial must be a 1-D (K,) int32 tensor, got {type(spatial).__name__}")
+    if spatial.dim() != 1:
+        raise ValueError(f"spatial must be a 1-D (K,) int32 tensor, got {tuple(spatial.shape)}")
+    K = int(spatial.shape[0])
+    _check_table("spatial", spatial, (K,), torch.int32)
+    _check_table("ops", ops, (K, MAX_OPS), torch.int32)
+    for name, table in (("spatial", spatial), ("ops", ops)):
+        if table.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor (the program stays on the host and is copied to "
+                             f"x's device once; reading a device table would synchronise), got {table.device}")
+    codes = (tuple(spatial.tolist()), tuple(itertools.chain.from_iterable(ops.tolist())))
+    has_contrast = _CHECKED_TABLES.get(codes)
+    if has_contrast is None:
+        has_contrast = _check_codes(codes[0], [codes[1][v * MAX_OPS:(v + 1) * MAX_OPS] for v in range(K)])
+        if len(_CHECKED_TABLES) >= _MAX_CACHED_TABLES:
+            _CHECKED_TABLES.clear()
+        _CHECKED_TABLES[codes] = has_contrast
+    return K, codes, has_contrast
+
+
+def _check_codes(spatial: Sequence[int], rows: Sequence[Sequence[int]]) -> bool:
+    """Validates the program's codes (plain ints); returns whether some view has OP_CONTRAST."""
+    for v, code in enumerate(spatial):
+        if not 0 <= code < N_SPATIAL:
+            raise ValueError(f"spatial[{v}] = {code} is not a SPATIAL_* code (0..{N_SPATIAL - 1})")
+    for v, row in enumerate(rows):
+        for j, code in enumerate(row):
+            if not 0 <= code < N_OPS:
+                raise ValueError(f"ops[{v}, {j}] = {code} is not an OP_* code (0..{N_OPS - 1})")
+    for v, row in enumerate(rows):
+        if row.count(OP_CONTRAST) > 1:
+            raise ValueError(f"ops[{v}] has {row.count(OP_CONTRAST)} OP_CONTRAST entries; at most one per view "
+                             f"(row {list(row)})")
+    for v, row in enumerate(rows):
+        end = row.index(OP_END) if OP_END in row else len(row)
+        if any(code != OP_END for code in row[end:]):
+            raise ValueError(f"ops[{v}] = {list(row)}: OP_END may only pad the end of a row")
+    return any(OP_CONTRAST in row for row in rows)
 
 
 def _check_table(name: str, t, shape: tuple, dtype: torch.dtype) -> None:
@@ -638,18 +790,107 @@ def _check_table(name: str, t, shape: tuple, dtype: torch.dtype) -> None:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _channel_values(name: str, vals, C: int, default: float) -> list:
+def _check_out(out, shape: tuple, out_dtype: torch.dtype, device: torch.device) -> None:
+    _check_table("out", out, shape, out_dtype)
+    if out.device != device:
+        raise ValueError(f"out must be on x's device {device}, got {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, got strides {out.stride()}")
+
+
+def _channel_values(name: str, vals, C: int, default: float) -> tuple[float, float, float]:
     if vals is None:
-        return [default] * 3
+        return (default,) * 3
     if isinstance(vals, torch.Tensor):
-        vals = vals.detach().cpu().reshape(-1).tolist()
+        if vals.device.type != "cpu":
+            raise ValueError(f"{name} must be floats or a CPU tensor (reading a device tensor would "
+                             f"synchronise), got a tensor on {vals.device}")
+        vals = vals.reshape(-1).tolist()
     try:
         vals = [float(v) for v in vals]
     except TypeError:
         raise ValueError(f"{name} must be a sequence of {C} floats, got {vals!r}") from None
     if len(vals) != C:
         raise ValueError(f"{name} must have C={C} values, got {len(vals)}: {vals!r}")
-    return vals + [default] * (3 - C)
+    return tuple(vals + [default] * (3 - C))
+
+
+def _pick_block(hw: int, batch: int, device: torch.device) -> tuple[int, int]:
+    """BLOCK (pixels per program) and num_warps: the interpreter's, or :func:`_gpu_block`'s."""
+    if interpreting():  # the interpreter pays per program: fewest, largest tiles
+        return max(16, min(1024, triton.next_power_of_2(hw))), 4
+    return _gpu_block(hw, batch, sm_count(device))
+
+
+def _gpu_block(hw: int, batch: int, sms: int) -> tuple[int, int]:
+    """BLOCK and num_warps on a GPU, keyed on H*W (and the batch, to give every one of the sms SMs
+    a few programs): BLOCK = 32 * num_warps, one pixel per thread, 128 for large planes, 64 for
+    small ones or small grids.
+
+    Registers: the fused program keeps ~25 float vectors live (centre, state, four bilinear corners,
+    hue temporaries). Left alone, ptxas aims at an occupancy of its own and spills a few 64-bit
+    loop invariants to reach it (seen at 39 registers for C == 1 and 80 for C == 3). Given a budget
+    as maxnreg instead, every variant compiles without spills on sm_80 and sm_90 with Triton 3.6
+    and 3.8 (tests/test_kernel_compile.py prints the counts): per thread, the main kernel gets 64
+    registers for C == 1 and 96 for C == 3, the contrast pre-pass 72 and 128 (_REGISTERS_MAIN,
+    _REGISTERS_PREPASS). num_warps stays <= 4: at 96 registers a 4-warp program lets 5 share an SM
+    (20 warps), an 8-warp one only 2 (16 warps); two pixels per thread would double the registers.
+    """
+    block = max(64, min(32 * _MAX_WARPS, triton.next_power_of_2(hw)))
+    while block > 64 and triton.cdiv(hw, block) * batch < 4 * sms:
+        block //= 2
+    return block, block // 32
+
+
+def _device_tables(prog: Program, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """prog's spatial/ops on device, copied from the host once per distinct content and device."""
+    key = (prog.codes, device)
+    hit = _DEVICE_TABLES.get(key)
+    if hit is None:
+        if len(_DEVICE_TABLES) >= _MAX_CACHED_TABLES:
+            _DEVICE_TABLES.clear()
+        spatial, ops = prog.codes
+        hit = (torch.tensor(spatial, dtype=torch.int32, device=device),
+               torch.tensor(ops, dtype=torch.int32, device=device).view(prog.K, MAX_OPS))
+        _DEVICE_TABLES[key] = hit
+    return hit
+
+
+def _plan(x: torch.Tensor, params: torch.Tensor, prog: Program, block: int,
+          num_warps: int) -> tuple[torch.Tensor, list[Launch]]:
+    """The output and the launches, in order, of a call that passed check_program (K, B, H*W > 0).
+
+    The only device work outside the launches: allocating out (when not given) and the contrast
+    partials (when a view has OP_CONTRAST), plus the one-time copy of tables never seen on x's device.
+    """
+    B, C, H, W, K = prog.B, prog.C, prog.H, prog.W, prog.K
+    dev = x.device
+    out = prog.out if prog.out is not None else torch.empty((K, B, C, H, W), dtype=prog.out_dtype, device=dev)
+    HW = H * W
+    n_tiles = triton.cdiv(HW, block)
+    sp_d, ops_d = _device_tables(prog, dev)
+    if not params.is_contiguous():
+        params = params.contiguous()
+    partials = (torch.empty((K, B, n_tiles), dtype=torch.float32, device=dev) if prog.has_contrast
+                else params)  # never read without HAS_CONTRAST
+    sxb, sxc, sxh, sxw = (int(s) for s in x.stride())
+    # PBLOCK (contrast partials summed per step) <= BLOCK: at most one per thread, so large images
+    # (thousands of tiles) cost loop steps, not registers.
+    shared = dict(C=C, SCALE=x.dtype == torch.uint8, FLAT=sxw == 1 and sxh == W, BLOCK=block,
+                  PBLOCK=max(16, min(block, triton.next_power_of_2(n_tiles))))
+    main = dict(shared, NORMALIZE=prog.normalize, HAS_CONTRAST=prog.has_contrast,
+                OUT_KIND=_OUT_DTYPES.index(prog.out_dtype))
+    launches = []
+    for b0 in range(0, B, MAX_GRID_Y):
+        grid = (n_tiles, min(MAX_GRID_Y, B - b0))
+        sizes = (b0, B, H, W, HW, K, n_tiles, sxb, sxc, sxh, sxw, prog.seed)
+        if prog.has_contrast:
+            launches.append(Launch(_contrast_prepass_kernel, grid, (x, sp_d, ops_d, params, partials, *sizes),
+                                   shared, num_warps, _REGISTERS_PREPASS[C]))
+        launches.append(Launch(_fused_views_kernel, grid,
+                               (x, out, sp_d, ops_d, params, partials, *sizes, *prog.mean, *prog.std),
+                               main, num_warps, _REGISTERS_MAIN[C]))
+    return out, launches
 
 
 def fused_views(
@@ -670,9 +911,9 @@ def fused_views(
     Args:
         x: (B, C, H, W) images, C in {1, 3}; uint8 (scaled by 1/255), float16, bfloat16 or float32
             in [0, 1]; any strides (contiguous and channels_last both run at full speed).
-        spatial: (K,) int32, the ``SPATIAL_*`` code of each view.
-        ops: (K, MAX_OPS) int32, ``OP_*`` codes applied left to right; ``OP_END`` only as trailing
-            padding; at most one ``OP_CONTRAST`` per view.
+        spatial: (K,) int32 CPU tensor, the ``SPATIAL_*`` code of each view.
+        ops: (K, MAX_OPS) int32 CPU tensor, ``OP_*`` codes applied left to right; ``OP_END`` only as
+            trailing padding; at most one ``OP_CONTRAST`` per view.
         params: (K, B, N_SLOTS) float32 on x's device, per-view, per-image parameters (``SLOT_*``).
             Never read on the host: the caller guarantees torchvision-valid values (odd blur sizes
             <= MAX_BLUR_KSIZE with reflect padding narrower than the image, bits in [0, 8], ...).
@@ -680,129 +921,34 @@ def fused_views(
             clamped to MAX_BLUR_KSIZE // 2, reflected indices to the image).
         seed: Philox seed of OP_NOISE (any Python int; taken modulo 2**63). Same seed, same noise.
         out_dtype: float32, float16 or bfloat16.
-        mean, std: None or C floats: fused ``(x - mean[c]) / std[c]`` after the ops (either alone
-            is allowed; the missing one is 0 resp. 1).
+        mean, std: None or C floats (or a CPU tensor of them): fused ``(x - mean[c]) / std[c]`` after
+            the ops (either alone is allowed; the missing one is 0 resp. 1).
         out: optional preallocated contiguous (K, B, C, H, W) tensor of out_dtype on x's device.
         block_size: override of the pixels per program (a power of two >= 16); tuning and tests.
 
-    spatial and ops are tiny: they are validated on the host (a device->host copy, i.e. a sync, if
-    they live on the GPU; keep them on the CPU to avoid it) and copied to x's device once per
-    distinct content (cached).
+    No host synchronisation: the program (spatial, ops) is validated on the host once per distinct
+    content and copied to x's device once (both cached), so a call's device work is the output and
+    contrast-partials allocations and the launches (:func:`check_program` holds the checks). Register
+    budget per thread: 64 registers for C == 1 and 96 for C == 3 (72 and 128 in the contrast
+    pre-pass); see :func:`_gpu_block`.
 
     Returns:
         (K, B, C, H, W) tensor of out_dtype (``out`` itself when given). B == 0, H * W == 0 or
         K == 0 returns the (empty) output without launching.
     """
-    # ---- x
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must have rank 4 (B, C, H, W), got rank {x.dim()} with shape {tuple(x.shape)}")
-    B, C, H, W = (int(s) for s in x.shape)
-    if C not in (1, 3):
-        raise ValueError(f"x must have C in (1, 3) channels, got C={C} (shape {tuple(x.shape)})")
-    if x.dtype not in _IN_DTYPES:
-        raise ValueError(f"x must have dtype uint8, float16, bfloat16 or float32, got {x.dtype}")
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError(f"x must be a CUDA tensor (CPU tensors run only under TRITON_INTERPRET=1), "
-                         f"got device {x.device}")
-    dev = x.device
-    # ---- tables
-    if not isinstance(spatial, torch.Tensor) or spatial.dim() != 1:
-        raise ValueError(f"spatial must be a 1-D (K,) int32 tensor, got "
-                         f"{tuple(spatial.shape) if isinstance(spatial, torch.Tensor) else type(spatial).__name__}")
-    K = int(spatial.shape[0])
-    _check_table("spatial", spatial, (K,), torch.int32)
-    _check_table("ops", ops, (K, MAX_OPS), torch.int32)
-    _check_table("params", params, (K, B, N_SLOTS), torch.float32)
-    if params.device != dev:
-        raise ValueError(f"params must be on x's device {dev}, got {params.device}")
-    sp_h = spatial.detach().cpu()
-    ops_h = ops.detach().cpu()
-    bad = ((sp_h < 0) | (sp_h >= N_SPATIAL)).nonzero()
-    if bad.numel():
-        v = int(bad[0, 0])
-        raise ValueError(f"spatial[{v}] = {int(sp_h[v])} is not a SPATIAL_* code (0..{N_SPATIAL - 1})")
-    bad = ((ops_h < 0) | (ops_h >= N_OPS)).nonzero()
-    if bad.numel():
-        v, j = int(bad[0, 0]), int(bad[0, 1])
-        raise ValueError(f"ops[{v}, {j}] = {int(ops_h[v, j])} is not an OP_* code (0..{N_OPS - 1})")
-    n_contrast = (ops_h == OP_CONTRAST).sum(dim=1)
-    if K and int(n_contrast.max()) > 1:
-        v = int(n_contrast.argmax())
-        raise ValueError(f"ops[{v}] has {int(n_contrast[v])} OP_CONTRAST entries; at most one per view "
-                         f"(row {ops_h[v].tolist()})")
-    is_end = ops_h == OP_END
-    after_end = (is_end.cumsum(dim=1) > 0) & ~is_end
-    if bool(after_end.any()):
-        v = int(after_end.any(dim=1).nonzero()[0, 0])
-        raise ValueError(f"ops[{v}] = {ops_h[v].tolist()}: OP_END may only pad the end of a row")
-    has_contrast = K > 0 and int(n_contrast.sum()) > 0
-    # ---- output
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    shape = (K, B, C, H, W)
-    if out is None:
-        out = torch.empty(shape, dtype=out_dtype, device=dev)
-    else:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-        if tuple(out.shape) != shape:
-            raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
-        if out.dtype != out_dtype:
-            raise ValueError(f"out must have dtype out_dtype={out_dtype}, got {out.dtype}")
-        if out.device != dev:
-            raise ValueError(f"out must be on x's device {dev}, got {out.device}")
-        if not out.is_contiguous():
-            raise ValueError(f"out must be contiguous, got strides {out.stride()}")
-    normalize = mean is not None or std is not None
-    mvals = _channel_values("mean", mean, C, 0.0)
-    svals = _channel_values("std", std, C, 1.0)
-    if any(s == 0.0 or not math.isfinite(s) for s in svals):
-        raise ValueError(f"std must be finite and non-zero, got {svals[:C]}")
-    if not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    seed = seed % (1 << 63)
+    prog = check_program(x, spatial, ops, params, seed=seed, out_dtype=out_dtype, mean=mean, std=std, out=out,
+                         devices=("cuda", "cpu") if interpreting() else ("cuda",))
     if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-    if K == 0 or B == 0 or H * W == 0:
-        return out
-
-    HW = H * W
-    block, num_warps = _pick_block(HW, B, dev)
-    if block_size is not None:
-        block = block_size
-        num_warps = max(1, min(8, block // 32))
-    n_tiles = triton.cdiv(HW, block)
-    pblock = max(16, min(1024, triton.next_power_of_2(n_tiles)))
-    sxb, sxc, sxh, sxw = (int(s) for s in x.stride())
-    flat = sxw == 1 and sxh == W
-    sp_d, ops_d = _device_tables(spatial, ops, sp_h, ops_h, dev)
-    params = params.contiguous()
-    partials = (torch.empty((K, B, n_tiles), dtype=torch.float32, device=dev) if has_contrast
-                else params)  # never read without HAS_CONTRAST
-    scale = x.dtype == torch.uint8
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        _launch(x, out, sp_d, ops_d, params, partials, B, C, H, W, K, n_tiles, (sxb, sxc, sxh, sxw), seed,
-                mvals, svals, scale, flat, normalize, has_contrast, _OUT_DTYPES.index(out_dtype), block, pblock,
-                num_warps)
+    if prog.K == 0 or prog.B == 0 or prog.H * prog.W == 0:
+        return out if out is not None else torch.empty((prog.K, prog.B, prog.C, prog.H, prog.W),
+                                                       dtype=out_dtype, device=x.device)
+    if block_size is None:
+        block, num_warps = _pick_block(prog.H * prog.W, prog.B, x.device)
+    else:
+        block, num_warps = block_size, max(1, min(_MAX_WARPS, block_size // 32))
+    out, launches = _plan(x, params, prog, block, num_warps)
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        for launch in launches:
+            launch()
     return out
-
-
-def _launch(x, out, sp_d, ops_d, params, partials, B, C, H, W, K, n_tiles, strides, seed,
-            mvals, svals, scale, flat, normalize, has_contrast, out_kind, block, pblock, num_warps):
-    HW = H * W
-    sxb, sxc, sxh, sxw = strides
-    for b0 in range(0, B, MAX_GRID_Y):
-        grid = (n_tiles, min(MAX_GRID_Y, B - b0))
-        if has_contrast:
-            _contrast_prepass_kernel[grid](
-                x, sp_d, ops_d, params, partials,
-                b0, B, H, W, HW, K, n_tiles, sxb, sxc, sxh, sxw, seed,
-                C=C, SCALE=scale, FLAT=flat, BLOCK=block, PBLOCK=pblock, num_warps=num_warps)
-        _fused_views_kernel[grid](
-            x, out, sp_d, ops_d, params, partials,
-            b0, B, H, W, HW, K, n_tiles, sxb, sxc, sxh, sxw, seed,
-            mvals[0], mvals[1], mvals[2], svals[0], svals[1], svals[2],
-            C=C, SCALE=scale, FLAT=flat, NORMALIZE=normalize, HAS_CONTRAST=has_contrast,
-            OUT_KIND=out_kind, BLOCK=block, PBLOCK=pblock, num_warps=num_warps)

@@ -43,13 +43,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting, sm_count
+from ._launch import Launch, interpreting, sm_count
 
 __all__ = ["lookahead_cross_entropy", "lookahead_cross_entropy_torch"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TWIN_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 _REDUCTIONS = ("mean", "sum", "none")
+_MAX_REGISTERS = 128     # per thread (ptxas' maxnreg); _pick_config's tiles fit it without spills
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,17 +149,15 @@ def _lookahead_ce_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
-
-
-
 def _pick_config(n_ij: int, B: int, C: int, D: int, dtype: torch.dtype,
                  device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_C, BLOCK_D, num_warps), keyed on D and C (and B, I*J to fill the GPU).
 
     Every block dim is a power of two >= 16 (tl.dot's minimum; smaller shapes are masked/padded).
-    The table comes from register budgets on sm_90 (ptxas -v on the kernel compiled ahead of time
-    by Triton 3.8 for every table entry and its clamped variants, both reduction modes): each
-    compiles to <= 128 registers per thread with no spills, so two 8-warp programs fit per SM.
+    The table comes from register budgets: every row, with and without bias, both output modes,
+    compiles for sm_80 and sm_90 within 128 registers per thread (_MAX_REGISTERS, given to ptxas as
+    maxnreg) with no spills, so two 8-warp programs fit per SM (tests/test_kernel_compile.py
+    compiles them all ahead of time and prints the counts).
 
     * Half inputs (tensor-core MMA): 64 rows x 64 classes per tile. When D <= 128 the whole
       features tile (BLOCK_B, D) is loaded once and kept in registers across all class tiles
@@ -202,6 +201,21 @@ def _new_buffer(shape: tuple, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
+def _check_operand(name: str, t, dims: dict[str, int], dtypes: tuple, device: torch.device,
+                   optional: bool = False) -> None:
+    """Type, shape (named dims), dtype and device checks of one operand after features."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(dims.values()):
+        named = ", ".join(f"{k}={v}" for k, v in dims.items())
+        raise ValueError(f"{name} must have shape ({named}), got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        allowed = str(dtypes[0]) if len(dtypes) == 1 else f"in ({', '.join(str(d) for d in dtypes)})"
+        raise ValueError(f"{name} must have dtype {allowed}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on features' device {device}, got {t.device}")
+
+
 def _validate(features, weight, bias, targets, reduction, ignore_index, dtypes) -> tuple:
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -229,22 +243,8 @@ def _validate(features, weight, bias, targets, reduction, ignore_index, dtypes) 
     if weight.device != dev:
         raise ValueError(f"weight must be on features' device {dev}, got {weight.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (J, C):
-            raise ValueError(f"bias must have shape (J={J}, C={C}), got {tuple(bias.shape)}")
-        if bias.dtype not in dtypes:
-            raise ValueError(f"bias must have dtype in ({names}), got {bias.dtype}")
-        if bias.device != dev:
-            raise ValueError(f"bias must be on features' device {dev}, got {bias.device}")
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    if tuple(targets.shape) != (J, B):
-        raise ValueError(f"targets must have shape (J={J}, B={B}), got {tuple(targets.shape)}")
-    if targets.dtype != torch.int64:
-        raise ValueError(f"targets must have dtype torch.int64, got {targets.dtype}")
-    if targets.device != dev:
-        raise ValueError(f"targets must be on features' device {dev}, got {targets.device}")
+        _check_operand("bias", bias, {"J": J, "C": C}, dtypes, dev, optional=True)
+    _check_operand("targets", targets, {"J": J, "B": B}, (torch.int64,), dev)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -312,24 +312,33 @@ def lookahead_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias: 
         rows = torch.zeros((I, J, B), dtype=torch.float32, device=dev)
         return rows if per_row else _reduce(rows, targets, ignore_index, reduction)
 
-    block_b, block_c, block_d, num_warps = _pick_config(I * J, B, C, D, features.dtype, dev)
+    config = _pick_config(I * J, B, C, D, features.dtype, dev)
+    out, launch = _plan(features, weight, bias, targets, reduction, ignore_index, config)
+    with torch.no_grad():
+        launch()
+    return out if per_row else _reduce(out, targets, ignore_index, reduction)
+
+
+def _plan(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+          reduction: str, ignore_index: int, config: tuple[int, int, int, int]) -> tuple[torch.Tensor, Launch]:
+    """The output buffer ((I, J, B) rows for "none", else (I, J, n_bblocks) partial sums) and the
+    launch of a validated call with I * J * B > 0; config is _pick_config's (BLOCK_B, BLOCK_C,
+    BLOCK_D, num_warps)."""
+    I, J, B, D = (int(v) for v in features.shape)
+    C = int(weight.shape[1])
+    block_b, block_c, block_d, num_warps = config
     n_bb = triton.cdiv(B, block_b)
-    out = _new_buffer((I, J, B) if per_row else (I, J, n_bb), dev)
+    per_row = reduction == "none"
+    out = _new_buffer((I, J, B) if per_row else (I, J, n_bb), features.device)
     has_bias = bias is not None
     b_arg = bias if has_bias else weight            # never read without HAS_BIAS
     s_bj, s_bc = (int(v) for v in bias.stride()) if has_bias else (0, 0)
-    with torch.no_grad():
-        _lookahead_ce_kernel[(I * J * n_bb,)](
-            features, weight, b_arg, targets, out,
-            I, J, B, C, D, n_bb, ignore_index,
-            *(int(v) for v in features.stride()),
-            *(int(v) for v in weight.stride()),
-            s_bj, s_bc,
-            *(int(v) for v in targets.stride()),
-            HAS_BIAS=has_bias, PER_ROW=per_row, SINGLE_D=block_d >= D,
-            IEEE=features.dtype == torch.float32,
-            BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps)
-    return out if per_row else _reduce(out, targets, ignore_index, reduction)
+    args = (features, weight, b_arg, targets, out, I, J, B, C, D, n_bb, ignore_index,
+            *(int(v) for v in features.stride()), *(int(v) for v in weight.stride()), s_bj, s_bc,
+            *(int(v) for v in targets.stride()))
+    constexprs = dict(HAS_BIAS=has_bias, PER_ROW=per_row, SINGLE_D=block_d >= D, IEEE=features.dtype == torch.float32,
+                      BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d)
+    return out, Launch(_lookahead_ce_kernel, (I * J * n_bb,), args, constexprs, num_warps, _MAX_REGISTERS)
 
 
 def lookahead_cross_entropy_torch(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
 
@@ -604,3 +606,132 @@ def test_garbage_params_do_not_crash(device):
     params[2, :, fv.SLOT_NEAREST] = 1.0
     out = fv.fused_views(x, spatial, ops, params.to(device), block_size=16)
     assert out.shape == (K, B, C, H, W)
+
+
+# ------------------------------------------------------------------------------------------------
+# The noise stream, exactly as documented in kernels/fused_views.py ("Noise")
+# ------------------------------------------------------------------------------------------------
+def philox4x32_10(counter: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
+    """Random123's Philox4x32-10 on counters (n mod 2^32, n >> 32, 0, 0) and key (seed mod 2^32,
+    seed >> 32), in uint64 numpy arithmetic (32 x 32-bit products are exact there)."""
+    mask = np.uint64(0xFFFFFFFF)
+    c0, c1 = counter & mask, counter >> np.uint64(32)
+    c2 = c3 = np.zeros_like(counter)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & mask
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c0, c1, c2, c3
+
+
+def reference_normals(counter: np.ndarray, seed: int) -> np.ndarray:
+    """(3, N) float64 normals n0, n1, n2 of the documented Box-Muller on the float32 uniforms."""
+    u = []
+    for x in philox4x32_10(counter, seed):
+        i = x.astype(np.uint32).view(np.int32)
+        u.append(np.where(i < 0, ~i, i).astype(np.float32) * np.float32(4.6566127342e-10))
+    r01 = np.sqrt(-2 * np.log(np.maximum(u[0].astype(np.float64), 1e-7)))
+    r23 = np.sqrt(-2 * np.log(np.maximum(u[2].astype(np.float64), 1e-7)))
+    turn1, turn3 = 2 * np.pi * u[1].astype(np.float64), 2 * np.pi * u[3].astype(np.float64)
+    return np.stack([r01 * np.cos(turn1), r01 * np.sin(turn1), r23 * np.cos(turn3)])
+
+
+@pytest.mark.parametrize("C", [3, 1])
+def test_noise_matches_the_documented_stream(C, device):
+    """Counter ((v * B + b) * MAX_OPS + j) * H * W + p, key = seed mod 2^63, channel c <- n_c: the
+    kernel's noise equals a float64 evaluation of the same recipe up to float32 rounding."""
+    K, B, H, W = 2, 3, 5, 7
+    seed = (1 << 40) + 12345 + (1 << 63)  # the key uses both words; taken modulo 2^63
+    spatial = torch.zeros(K, dtype=torch.int32)
+    ops = torch.zeros(K, fv.MAX_OPS, dtype=torch.int32)
+    ops[0, 0] = fv.OP_NOISE
+    ops[1, :2] = torch.tensor([fv.OP_INVERT, fv.OP_NOISE])  # noise in slot j = 1
+    params = torch.zeros(K, B, fv.N_SLOTS)
+    params[:, :, fv.SLOT_NOISE_SIGMA] = 1.0
+    x = torch.full((B, C, H, W), 0.5)
+    out = fv.fused_views(x.to(device), spatial, ops, params.to(device), seed=seed).cpu().double()
+    v, b, j, p = np.meshgrid(np.arange(K), np.arange(B), np.zeros(1), np.arange(H * W), indexing="ij")
+    j = j + (v == 1)
+    counter = (((v * B + b) * fv.MAX_OPS + j) * H * W + p).astype(np.uint64).reshape(K, B, H * W)
+    ref = reference_normals(counter.reshape(-1), seed % (1 << 63)).reshape(3, K, B, H * W)
+    ref = torch.from_numpy(ref[:C]).permute(1, 2, 0, 3).reshape(K, B, C, H, W)
+    torch.testing.assert_close(out - 0.5, ref, atol=2e-5, rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# check_program and the launch plan: host-only checks, cached, no device work besides allocations
+# ------------------------------------------------------------------------------------------------
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _program_args(device, with_contrast=True, B=2, C=3, H=6, W=5):
+    views = [[rotate()], [contrast()] if with_contrast else [brightness()]]
+    spatial, ops, params, _ = build(views, B, C, H, W, seed=30, device=device)
+    return rand_images(B, C, H, W, 30).to(device), spatial, ops, params
+
+
+def test_check_program_caches_its_verdict_per_content(device):
+    x, spatial, ops, params = _program_args(device)
+    prog = fv.check_program(x, spatial, ops, params, seed=-1, mean=[0.1, 0.2, 0.3], devices=(device.type,))
+    assert (prog.B, prog.C, prog.H, prog.W, prog.K) == (2, 3, 6, 5, 2)
+    assert prog.has_contrast and prog.normalize and prog.out is None
+    assert prog.mean == (0.1, 0.2, 0.3) and prog.std == (1.0, 1.0, 1.0) and prog.seed == (1 << 63) - 1
+    assert prog.codes == (tuple(spatial.tolist()), tuple(ops.reshape(-1).tolist()))
+    spatial_copy, ops_copy = spatial.clone(), ops.clone()
+    with CountOps() as counter:  # seen content (in other tensors): no torch op at all
+        again = fv.check_program(x, spatial_copy, ops_copy, params, seed=-1, mean=[0.1, 0.2, 0.3],
+                                 devices=(device.type,))
+    assert counter.ops == [] and again.has_contrast
+    # the cache is keyed by content, not by tensor: an in-place edit is validated again
+    spatial[0] = 9
+    with pytest.raises(ValueError, match=r"spatial\[0\] = 9"):
+        fv.check_program(x, spatial, ops, params, devices=(device.type,))
+
+
+def test_plan_allocates_and_launches_only(device):
+    for with_contrast, out, expected in [(True, None, 2), (False, None, 1), (False, "given", 0)]:
+        x, spatial, ops, params = _program_args(device, with_contrast)
+        given = torch.empty(2, 2, 3, 6, 5, device=device) if out else None
+        prog = fv.check_program(x, spatial, ops, params, out=given, devices=(device.type,))
+        fv._plan(x, params, prog, 64, 2)  # the device tables are copied once, here
+        with CountOps() as counter:
+            res, launches = fv._plan(x, params, prog, 64, 2)
+        assert counter.ops == ["aten.empty.memory_format"] * expected, counter.ops
+        assert [launch.kernel for launch in launches] == (
+            [fv._contrast_prepass_kernel] * with_contrast + [fv._fused_views_kernel])
+        assert given is None or res is given
+
+
+def test_tables_must_live_on_the_host(device):
+    """Device tables would need a synchronising read: they are refused (meta stands in for a GPU)."""
+    x, spatial, ops, params = _program_args(device)
+    for kw, name in [(dict(spatial=spatial.to("meta")), "spatial"), (dict(ops=ops.to("meta")), "ops")]:
+        args = dict(dict(spatial=spatial, ops=ops), **kw)
+        with pytest.raises(ValueError, match=f"{name} must be a CPU tensor"):
+            fv.fused_views(x, args["spatial"], args["ops"], params)
+    with pytest.raises(ValueError, match="mean must be floats or a CPU tensor"):
+        fv.fused_views(x, spatial, ops, params, mean=torch.zeros(3, device="meta"))
+    out = fv.fused_views(x, spatial, ops, params, mean=torch.tensor([0.5, 0.5, 0.5]), std=(0.2, 0.2, 0.2))
+    assert torch.isfinite(out).all()
+
+
+def test_check_program_device_kinds():
+    """The same checks serve the C++ CPU launcher (devices=("cpu",)) and the Triton one."""
+    x, spatial, ops, params = _program_args(torch.device("cpu"))
+    assert fv.check_program(x, spatial, ops, params, devices=("cpu",)).K == 2
+    with pytest.raises(ValueError, match=r"x must be a CUDA tensor \(CPU tensors run only under TRITON_INTERPRET=1\)"):
+        fv.check_program(x, spatial, ops, params)
+    with pytest.raises(ValueError, match="x must be a CPU tensor, got device meta"):
+        fv.check_program(x.to("meta"), spatial, ops, params.to("meta"), devices=("cpu",))
+    with pytest.raises(TypeError, match="spatial must be a 1-D"):
+        fv.check_program(x, [0, 1], ops, params, devices=("cpu",))
+    with pytest.raises(TypeError, match="ops must be a torch.Tensor"):
+        fv.check_program(x, spatial, ops.tolist(), params, devices=("cpu",))
