@@ -1,42 +1,36 @@
 """The augmentations a distribution task is built from: one class per op.
 
-Each op knows four things: its parameters' default ranges, how to draw them per image on the
-device (`sample`), how to apply them with the plain-PyTorch functional ops (`apply`, the meaning),
-and how to write them into the fused kernel's parameter table (`encode`, the fast path). Ops run
-on float32 images in [0, 1]; `mtdl_fast.tasks` converts once at the start of a view.
+Each op knows four things: its parameters' default ranges; its *parameter program*, the
+instructions of `mtdl_fast.kernels.task_params` that draw its per-image parameters (`values`
+names what they write) and put them into the fused kernel's table (`instructions`, plus the table
+slots that are the same for every image, `table_constants`); and how to apply drawn parameters with
+the plain-PyTorch functional ops (`apply`, the meaning). Ops run on float32 images in [0, 1];
+`mtdl_fast.tasks` converts once at the start of a view.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from mtdl_fast.functional import color, geometry, misc
 from mtdl_fast.functional._utils import grayscale
 from mtdl_fast.kernels import fused_views as K
+from mtdl_fast.kernels import task_params as P
 
 Range = tuple[float, float]
 Params = dict[str, torch.Tensor]
 
 
-@dataclass
-class Draw:
-    """Per-image random draws on one device from one generator (no host synchronisation)."""
+class Instruction(NamedTuple):
+    """One instruction of a parameter program: a ``PARAM_*`` code, its constants and the fused-table
+    slots it also writes (see kernels/task_params.py)."""
 
-    n: int
-    device: torch.device
-    generator: torch.Generator | None
-
-    def uniform(self, low: float, high: float, *shape: int) -> torch.Tensor:
-        u = torch.rand((self.n, *shape), generator=self.generator, device=self.device, dtype=torch.float64)
-        return low + (high - low) * u
-
-    def integers(self, low: int, high: int) -> torch.Tensor:
-        """Uniform integers in [low, high] inclusive, as float64."""
-        return torch.floor(self.uniform(low, high + 1)).clamp(max=high)
+    code: int
+    consts: tuple[float, ...] = ()
+    slots: tuple[int, ...] = ()
 
 
 class Op:
@@ -49,6 +43,9 @@ class Op:
     # "pointwise" runs after the spatial stage.
     kind: ClassVar[str] = "pointwise"
     opcode: ClassVar[int] = K.OP_END
+    # The per-image parameters `instructions` write, in order: (name, width); width 1 is a (B,)
+    # tensor, wider ones (B, width).
+    values: ClassVar[tuple[tuple[str, int], ...]] = ()
 
     def __init__(self, config: dict[str, object]):
         self.config = config
@@ -57,14 +54,16 @@ class Op:
         value = self.config[key]
         return (float(value), float(value)) if isinstance(value, (int, float)) else (float(value[0]), float(value[1]))
 
-    def sample(self, draw: Draw, height: int, width: int) -> Params:
+    def instructions(self) -> list[Instruction]:
+        """This op's part of its view's parameter program."""
+        return []
+
+    def table_constants(self) -> dict[int, float]:
+        """Fused-table slots this op sets to the same value for every image."""
         return {}
 
     def apply(self, x: torch.Tensor, p: Params, noise: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
-
-    def encode(self, p: Params, table: torch.Tensor, height: int, width: int) -> None:
-        """Write this op's parameters into `table` (B, N_SLOTS) of its view."""
 
     @classmethod
     def validate(cls, config: dict[str, object]) -> None:
@@ -93,35 +92,22 @@ class HorizontalFlip(Op):
     name = "horizontal_flip"
     kind = "flip"
 
+    def instructions(self):
+        return [Instruction(P.PARAM_HFLIP)]
+
     def apply(self, x, p, noise):
         return geometry.horizontal_flip(x)
-
-    @staticmethod
-    def matrix(p: Params, n: int, height: int, width: int) -> torch.Tensor:
-        m = torch.tensor([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
-        return m.expand(n, 2, 3)
 
 
 class VerticalFlip(Op):
     name = "vertical_flip"
     kind = "flip"
 
+    def instructions(self):
+        return [Instruction(P.PARAM_VFLIP)]
+
     def apply(self, x, p, noise):
         return geometry.vertical_flip(x)
-
-    @staticmethod
-    def matrix(p: Params, n: int, height: int, width: int) -> torch.Tensor:
-        m = torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, height - 1.0]], dtype=torch.float64)
-        return m.expand(n, 2, 3)
-
-
-def _centred_to_pixel(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """torchvision's centred inverse matrix (B, 2, 3) -> pixel-index coordinates (B, 2, 3)."""
-    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    m = theta.clone()
-    m[:, 0, 2] = theta[:, 0, 2] + cx - theta[:, 0, 0] * cx - theta[:, 0, 1] * cy
-    m[:, 1, 2] = theta[:, 1, 2] + cy - theta[:, 1, 0] * cx - theta[:, 1, 1] * cy
-    return m
 
 
 class _Warp(Op):
@@ -137,16 +123,18 @@ class _Warp(Op):
         value = self.config.get("fill")
         return None if value is None else float(value)
 
-    def matrix(self, p: Params, n: int, height: int, width: int) -> torch.Tensor:
-        return _centred_to_pixel(self.theta(p), height, width)
+    def table_constants(self):
+        fill = self.fill()
+        return {} if fill is None else {K.SLOT_FILL: fill, K.SLOT_HAS_FILL: 1.0}
 
 
 class Rotate(_Warp):
     name = "rotate"
     defaults = {"angle": (-30.0, 30.0), "fill": None}
+    values = (("angle", 1),)
 
-    def sample(self, draw, height, width):
-        return {"angle": draw.uniform(*self.range("angle"))}
+    def instructions(self):
+        return [Instruction(P.PARAM_ROTATE, self.range("angle"))]
 
     def theta(self, p):
         angle = p["angle"].remainder(360.0)
@@ -156,18 +144,14 @@ class Rotate(_Warp):
 
 class Affine(_Warp):
     name = "affine"
-    defaults = {"angle": (-15.0, 15.0), "translate": (0.1, 0.1), "scale": (0.9, 1.1), "shear": (-10.0, 10.0), "fill": None}
+    defaults = {"angle": (-15.0, 15.0), "translate": (0.1, 0.1), "scale": (0.9, 1.1), "shear": (-10.0, 10.0),
+                "fill": None}
+    values = (("angle", 1), ("translate", 2), ("scale", 1), ("shear", 2))
 
-    def sample(self, draw, height, width):
+    def instructions(self):
         max_dx, max_dy = (float(t) for t in self.config["translate"])
-        return {
-            "angle": draw.uniform(*self.range("angle")),
-            "translate": torch.stack(
-                (draw.uniform(-max_dx * width, max_dx * width), draw.uniform(-max_dy * height, max_dy * height)), -1
-            ),
-            "scale": draw.uniform(*self.range("scale")),
-            "shear": torch.stack((draw.uniform(*self.range("shear")), torch.zeros(draw.n, dtype=torch.float64, device=draw.device)), -1),
-        }
+        consts = (*self.range("angle"), max_dx, max_dy, *self.range("scale"), *self.range("shear"))
+        return [Instruction(P.PARAM_AFFINE, consts)]
 
     def theta(self, p):
         return geometry.inverse_affine_matrix(p["angle"], p["translate"], p["scale"], p["shear"])
@@ -175,69 +159,31 @@ class Affine(_Warp):
     @classmethod
     def validate(cls, config):
         translate = config["translate"]
-        if not (isinstance(translate, (tuple, list)) and len(translate) == 2 and all(0 <= float(t) <= 1 for t in translate)):
+        pair = isinstance(translate, (tuple, list)) and len(translate) == 2
+        if not (pair and all(0 <= float(t) <= 1 for t in translate)):
             raise ValueError(f"affine: translate must be (max_dx, max_dy) fractions in [0, 1], got {translate!r}")
         _check_within("affine", config, "scale", 1e-6, math.inf)
 
 
-def _sample_boxes(
-    draw: Draw, height: int, width: int, scale: Range, ratio: Range, strict: bool, tries: int = 10
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """torchvision's RandomResizedCrop / RandomErasing box search, vectorised over images.
-
-    Each image tries `tries` (area, log-aspect) candidates and keeps the first that fits; returns
-    (box (n, 4) = top, left, h, w as float64, found (n,) bool).
-    """
-    area = height * width
-    target = area * draw.uniform(scale[0], scale[1], tries)
-    aspect = torch.exp(draw.uniform(math.log(ratio[0]), math.log(ratio[1]), tries))
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    if strict:  # RandomErasing: the box must be strictly smaller than the image
-        ok = (h < height) & (w < width)
-    else:  # RandomResizedCrop: 0 < size <= image
-        ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    found = ok.any(dim=1)
-    first = torch.argmax(ok.to(torch.int8), dim=1, keepdim=True)
-    h = h.gather(1, first).squeeze(1)
-    w = w.gather(1, first).squeeze(1)
-    top = torch.floor(draw.uniform(0.0, 1.0) * (height - h + 1))
-    left = torch.floor(draw.uniform(0.0, 1.0) * (width - w + 1))
-    return torch.stack((top, left, h, w), dim=-1), found
+def _box_consts(scale: Range, ratio: Range) -> tuple[float, ...]:
+    """Constants of a RandomResizedCrop / RandomErasing box search: area fractions, log aspect
+    range, aspect range."""
+    return (*scale, math.log(ratio[0]), math.log(ratio[1]), *ratio)
 
 
 class ResizedCrop(_Warp):
+    """torchvision's RandomResizedCrop box (10 attempts, then the centre crop), resized back to the
+    input size."""
+
     name = "resized_crop"
     defaults = {"scale": (0.25, 1.0), "ratio": (3.0 / 4.0, 4.0 / 3.0)}
+    values = (("box", 4),)
 
-    def sample(self, draw, height, width):
-        ratio = self.range("ratio")
-        box, found = _sample_boxes(draw, height, width, self.range("scale"), ratio, strict=False)
-        # torchvision's fallback: a centred crop with the aspect ratio clamped into `ratio`
-        in_ratio = width / height
-        if in_ratio < ratio[0]:
-            fw, fh = width, round(width / ratio[0])
-        elif in_ratio > ratio[1]:
-            fw, fh = round(height * ratio[1]), height
-        else:
-            fw, fh = width, height
-        fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float64, device=draw.device)
-        return {"box": torch.where(found[:, None], box, fallback)}
+    def instructions(self):
+        return [Instruction(P.PARAM_RESIZED_CROP, _box_consts(self.range("scale"), self.range("ratio")))]
 
     def apply(self, x, p, noise):
         return geometry._resized_crop(x, p["box"].to(x.device), tuple(x.shape[-2:]), nearest=False)
-
-    def matrix(self, p, n, height, width):
-        top, left, h, w = p["box"].unbind(-1)
-        sx, sy = w / width, h / height
-        m = torch.zeros(n, 2, 3, dtype=torch.float64, device=top.device)
-        m[:, 0, 0], m[:, 0, 2] = sx, left + 0.5 * sx - 0.5
-        m[:, 1, 1], m[:, 1, 2] = sy, top + 0.5 * sy - 0.5
-        return m
-
-    def clamp_box(self, p: Params) -> torch.Tensor:
-        top, left, h, w = p["box"].unbind(-1)
-        return torch.stack((left, left + w - 1, top, top + h - 1), dim=-1)
 
     @classmethod
     def validate(cls, config):
@@ -253,14 +199,15 @@ class _Factor(Op):
     bounds: ClassVar[Range] = (0.0, math.inf)
     function: ClassVar[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
-    def sample(self, draw, height, width):
-        return {self.key: draw.uniform(*self.range(self.key))}
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.values = ((cls.key, 1),)  # every factor op draws its one named factor
+
+    def instructions(self):
+        return [Instruction(P.PARAM_UNIFORM, self.range(self.key), (self.slot,))]
 
     def apply(self, x, p, noise):
         return type(self).function(x, _col(p[self.key]).to(x.device))
-
-    def encode(self, p, table, height, width):
-        table[:, self.slot] = p[self.key].to(table)
 
     @classmethod
     def validate(cls, config):
@@ -308,16 +255,13 @@ class Sharpness(_Factor):
 class Posterize(Op):
     name, opcode = "posterize", K.OP_POSTERIZE
     defaults = {"bits": (2, 6)}
+    values = (("bits", 1),)
 
-    def sample(self, draw, height, width):
-        low, high = self.range("bits")
-        return {"bits": draw.integers(int(low), int(high))}
+    def instructions(self):
+        return [Instruction(P.PARAM_INTEGER, self.range("bits"), (K.SLOT_POSTERIZE_BITS,))]
 
     def apply(self, x, p, noise):
         return color._posterize(x, _col(p["bits"]).to(x.device))
-
-    def encode(self, p, table, height, width):
-        table[:, K.SLOT_POSTERIZE_BITS] = p["bits"].to(table)
 
     @classmethod
     def validate(cls, config):
@@ -344,20 +288,18 @@ class Invert(Op):
 class GaussianBlur(Op):
     name, kind = "gaussian_blur", "filter"
     defaults = {"kernel_size": 5, "sigma": (0.1, 2.0)}
+    values = (("sigma", 1),)
 
-    def sample(self, draw, height, width):
-        return {"sigma": draw.uniform(*self.range("sigma"))}
+    def instructions(self):
+        return [Instruction(P.PARAM_UNIFORM, self.range("sigma"), (K.SLOT_BLUR_SX, K.SLOT_BLUR_SY))]
+
+    def table_constants(self):
+        k = float(self.config["kernel_size"])
+        return {K.SLOT_BLUR_KX: k, K.SLOT_BLUR_KY: k}
 
     def apply(self, x, p, noise):
         k = int(self.config["kernel_size"])
         return misc._blur(x, (k, k), p["sigma"].to(x.device)[:, None].expand(-1, 2))
-
-    def encode(self, p, table, height, width):
-        k = float(self.config["kernel_size"])
-        table[:, K.SLOT_BLUR_KX] = k
-        table[:, K.SLOT_BLUR_KY] = k
-        table[:, K.SLOT_BLUR_SX] = p["sigma"].to(table)
-        table[:, K.SLOT_BLUR_SY] = p["sigma"].to(table)
 
     @classmethod
     def validate(cls, config):
@@ -370,17 +312,18 @@ class GaussianBlur(Op):
 class GaussianNoise(Op):
     name, opcode = "gaussian_noise", K.OP_NOISE
     defaults = {"mean": 0.0, "sigma": (0.02, 0.1), "clip": True}
+    values = (("mean", 1), ("sigma", 1))
 
-    def sample(self, draw, height, width):
-        return {"mean": draw.uniform(*self.range("mean")), "sigma": draw.uniform(*self.range("sigma"))}
+    def instructions(self):
+        return [Instruction(P.PARAM_UNIFORM, self.range("mean"), (K.SLOT_NOISE_MEAN,)),
+                Instruction(P.PARAM_UNIFORM, self.range("sigma"), (K.SLOT_NOISE_SIGMA,))]
+
+    def table_constants(self):
+        return {K.SLOT_NOISE_CLIP: float(bool(self.config["clip"]))}
 
     def apply(self, x, p, noise):
-        return misc._noise(x, _col(p["mean"]).to(x.device), _col(p["sigma"]).to(x.device), bool(self.config["clip"]), noise)
-
-    def encode(self, p, table, height, width):
-        table[:, K.SLOT_NOISE_MEAN] = p["mean"].to(table)
-        table[:, K.SLOT_NOISE_SIGMA] = p["sigma"].to(table)
-        table[:, K.SLOT_NOISE_CLIP] = float(bool(self.config["clip"]))
+        mean, sigma = _col(p["mean"]).to(x.device), _col(p["sigma"]).to(x.device)
+        return misc._noise(x, mean, sigma, bool(self.config["clip"]), noise)
 
     @classmethod
     def validate(cls, config):
@@ -389,20 +332,22 @@ class GaussianNoise(Op):
 
 
 class Erase(Op):
+    """torchvision's RandomErasing box (10 attempts; none fits: the box is all zeros and nothing is
+    erased, as torchvision returns the image) filled with `value`."""
+
     name, opcode = "erase", K.OP_ERASE
     defaults = {"scale": (0.02, 0.33), "ratio": (0.3, 3.3), "value": 0.0}
+    values = (("box", 4),)
 
-    def sample(self, draw, height, width):
-        box, found = _sample_boxes(draw, height, width, self.range("scale"), self.range("ratio"), strict=True)
-        return {"box": box * found[:, None]}  # no box fits: erase nothing (torchvision returns the image)
+    def instructions(self):
+        return [Instruction(P.PARAM_ERASE, _box_consts(self.range("scale"), self.range("ratio"))[:4])]
+
+    def table_constants(self):
+        return {K.SLOT_ERASE_VALUE: float(self.config["value"])}
 
     def apply(self, x, p, noise):
         value = torch.tensor(float(self.config["value"]), device=x.device)
         return misc._erase(x, p["box"].to(x.device), value)
-
-    def encode(self, p, table, height, width):
-        table[:, K.SLOT_ERASE_TOP : K.SLOT_ERASE_W + 1] = p["box"].to(table)
-        table[:, K.SLOT_ERASE_VALUE] = float(self.config["value"])
 
     @classmethod
     def validate(cls, config):

@@ -1,5 +1,6 @@
 """DistributionTasks: sampled views against torchvision image by image, the samplers, the fused
 path against the torch path, and bad input."""
+import importlib.util
 import math
 
 import pytest
@@ -36,7 +37,8 @@ def reference_op(name: str, config: dict, p: dict, img: torch.Tensor, i: int) ->
     if name == "rotate":
         return TF.rotate(img, s["angle"].item(), BILINEAR, fill=config.get("fill"))
     if name == "affine":
-        return TF.affine(img, s["angle"].item(), s["translate"].tolist(), s["scale"].item(), s["shear"].tolist(), BILINEAR)
+        return TF.affine(img, s["angle"].item(), s["translate"].tolist(), s["scale"].item(), s["shear"].tolist(),
+                         BILINEAR)
     if name == "resized_crop":
         top, left, h, w = (int(v) for v in s["box"].tolist())
         return TF.resized_crop(img, top, left, h, w, [height, width], BILINEAR, antialias=True)
@@ -178,7 +180,8 @@ def test_out_dtype_and_normalisation_fused():
     x = photos(2)
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
     plain = mf.DistributionTasks(["rotate", "hue"], seed=0, backend="torch")
-    fused = mf.DistributionTasks(["rotate", "hue"], seed=0, backend="torch", out_dtype=torch.bfloat16, mean=mean, std=std)
+    fused = mf.DistributionTasks(["rotate", "hue"], seed=0, backend="torch", out_dtype=torch.bfloat16, mean=mean,
+                                 std=std)
     params = plain.sample(2, (14, 19))
     want = TF.normalize(plain.apply(x, params).flatten(0, 1), mean, std).reshape(2, 2, 3, 14, 19)
     got = fused.apply(x, params)
@@ -274,11 +277,12 @@ def test_fused_kernel_noise_statistics_and_bf16_normalised_output(device):
     out = tasks(x).float()
     noise = out[0] * 0.25  # undo the normalisation: (x + n - 0.5) / 0.25
     assert abs(noise.mean().item()) < 3e-3 and abs(noise.std().item() - 0.05) < 3e-3
-    reference = mf.DistributionTasks(["hue"], seed=0, backend="torch", out_dtype=torch.bfloat16,
-                                     mean=[0.5] * 3, std=[0.25] * 3)
+    reference = mf.DistributionTasks(
+        [("gaussian_noise", {"sigma": 0.05, "clip": False}), "hue"], seed=0, backend="torch",
+        out_dtype=torch.bfloat16, mean=[0.5] * 3, std=[0.25] * 3,
+    )
     params = tasks.sample(16, (12, 12), device=device)
-    hue_only = mf.TaskParams([params.views[1]], 16, (12, 12), params.seed, params.device)
-    assert (tasks.apply(x, params)[1].float() - reference.apply(x, hue_only)[0].float()).abs().max() <= 0.02
+    assert (tasks.apply(x, params)[1].float() - reference.apply(x, params)[1].float()).abs().max() <= 0.02
 
 
 def test_state_dict_resumes_the_same_draws():
@@ -290,3 +294,113 @@ def test_state_dict_resumes_the_same_draws():
     restored = mf.DistributionTasks(["rotate", "gaussian_noise", "erase"], seed=0, backend="torch")
     restored.load_state_dict(saved)
     assert torch.equal(restored(x), expected)
+
+
+def test_every_backend_draws_the_same_parameters(device):
+    """The parameter program runs as the Triton kernel (interpreter on the CPU) or as its torch twin:
+    same seed, same stream, same parameters, on any device."""
+    names = ["rotate+hue", "resized_crop+erase", "affine+posterize", "gaussian_blur+gaussian_noise"]
+    twin = mf.DistributionTasks(names, seed=11, backend="torch").sample(6, (9, 12))
+    kernel = mf.DistributionTasks(names, seed=11, backend="triton").sample(6, (9, 12), device=device)
+    torch.testing.assert_close(kernel.values.cpu(), twin.values, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kernel.table.cpu(), twin.table, rtol=2e-7, atol=1e-6)
+    assert torch.equal(kernel.views[1][0]["box"].cpu(), twin.views[1][0]["box"])
+
+
+def test_views_are_copies_and_apply_reads_the_program_output():
+    x = photos(3)
+    tasks = mf.DistributionTasks(["rotate", "brightness"], seed=0, backend="torch")
+    params = tasks.sample(3, (14, 19))
+    before = tasks.apply(x, params)
+    params.views[0][0]["angle"].add_(90.0)
+    assert torch.equal(tasks.apply(x, params), before)
+    assert params.views[0][0]["angle"].shape == (3,) and params.views[0][0]["angle"].dtype == torch.float64
+
+
+def test_params_sampled_without_image_size_are_sized_at_apply(device):
+    """Flips and rotations draw no size-dependent parameters; their warps are computed for the
+    images' size when applied (the same draws again)."""
+    x = photos(4, height=9, width=12).to(device)
+    tasks = mf.DistributionTasks(["horizontal_flip+rotate", "hue"], seed=0, backend="triton")
+    unsized = tasks.sample(4, generator=torch.Generator().manual_seed(5), device=device)
+    sized = tasks.sample(4, (9, 12), generator=torch.Generator().manual_seed(5), device=device)
+    assert unsized.image_size is None
+    assert torch.equal(tasks.apply(x, unsized), tasks.apply(x, sized))
+    with pytest.raises(ValueError, match="image_size"):
+        tasks.kernel_tables(unsized, device)
+
+
+def test_sampling_errors_name_the_argument():
+    tasks = mf.DistributionTasks(["rotate"], seed=0)
+    with pytest.raises(TypeError, match="batch_size"):
+        tasks.sample(2.0)
+    with pytest.raises(ValueError, match="batch_size must be >= 0, got -1"):
+        tasks.sample(-1)
+    with pytest.raises(TypeError, match="image_size"):
+        tasks.sample(2, (8.0, 8))
+    with pytest.raises(ValueError, match="image_size"):
+        tasks.sample(2, (8, 8, 8))
+    with pytest.raises(TypeError, match="generator"):
+        tasks.sample(2, generator=3)
+    with pytest.raises(TypeError, match="seed"):
+        mf.DistributionTasks(["rotate"], seed=1.5)
+
+
+def test_state_dict_of_the_older_format_still_loads():
+    """Checkpoints written before the counter-based stream held per-device generator states."""
+    tasks = mf.DistributionTasks(["rotate"], seed=0, backend="torch")
+    tasks.set_extra_state({"seed": 4, "generators": {"cpu": torch.Generator().get_state()}, "calls": 2})
+    fresh = mf.DistributionTasks(["rotate"], seed=4, backend="torch")
+    fresh.sample(2), fresh.sample(2)
+    assert torch.equal(tasks.sample(2).values, fresh.sample(2).values)
+
+
+HAS_FUSED_CPU = importlib.util.find_spec("mtdl_fast.fused_cpu") is not None
+requires_fused_cpu = pytest.mark.skipif(not HAS_FUSED_CPU, reason="mtdl_fast.fused_cpu (the fused C++ CPU "
+                                        "kernel) is not in this tree yet")
+
+
+def test_auto_picks_the_fused_cpu_kernel_when_it_imports():
+    tasks = mf.DistributionTasks(["rotate", "hue"], seed=0)
+    x = photos(2)
+    assert tasks.resolve_backend(x) == ("cpu" if HAS_FUSED_CPU else "torch")
+    assert tasks.resolve_backend(x.double() / 255) == "torch"  # float64 input: the torch path
+    assert mf.DistributionTasks(["hue+rotate"]).resolve_backend(x) == "torch"  # does not fuse
+    with pytest.raises(ValueError, match="hue\\+rotate"):
+        mf.DistributionTasks(["hue+rotate"], backend="cpu")
+    with pytest.raises(ValueError, match="float64"):
+        mf.DistributionTasks(["rotate"], backend="cpu", out_dtype=torch.float64)
+
+
+@requires_fused_cpu
+@pytest.mark.parametrize("channels, layout", [(3, "contiguous"), (1, "channels_last")])
+def test_fused_cpu_kernel_equals_torch_path(channels, layout):
+    x = photos(3, channels, height=11, width=13, seed=4)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch_tasks = mf.DistributionTasks(FUSABLE, seed=2, backend="torch")
+    cpu_tasks = mf.DistributionTasks(FUSABLE, seed=2, backend="cpu")
+    params = torch_tasks.sample(3, (11, 13))
+    want = torch_tasks.apply(x, params)
+    got = cpu_tasks.apply(x, params)
+    for k, name in enumerate(torch_tasks.names):
+        err = (got[k] - want[k]).abs().max().item()
+        assert err <= 5e-5, (name, err)
+    assert cpu_tasks(x).shape == (len(FUSABLE), 3, channels, 11, 13)
+
+
+@requires_fused_cpu
+def test_fused_cpu_backend_refuses_other_devices():
+    tasks = mf.DistributionTasks(["rotate"], backend="cpu")
+    params = tasks.sample(2, (14, 19))
+    with pytest.raises(ValueError, match="needs a CPU tensor, got x on meta"):
+        tasks.apply(photos(2).to("meta"), params)
+
+
+def test_params_apply_to_tasks_with_the_same_program_only():
+    """Other ranges draw values that mean the same; another fill would make the fused table lie."""
+    x = photos(2)
+    params = mf.DistributionTasks([("rotate", {"angle": (0.0, 10.0)})], seed=0).sample(2, (14, 19))
+    assert mf.DistributionTasks(["rotate"], backend="torch").apply(x, params).shape == (1, 2, 3, 14, 19)
+    with pytest.raises(ValueError, match="other tasks"):
+        mf.DistributionTasks([("rotate", {"fill": 0.5})]).apply(x, params)
