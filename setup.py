@@ -6,6 +6,7 @@ nvcc is present, or when ``FORCE_CUDA=1``. Build without isolation (``pip instal
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -13,7 +14,9 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 cpp = sorted(glob.glob("csrc/*.cpp"))
 cu = sorted(glob.glob("csrc/*.cu"))
-cxx_flags = ["-O3"]
+# -fopenmp: ATen's at::parallel_for compiles to a serial loop without it (the runtime comes from
+# libtorch's own libgomp).
+cxx_flags = ["-O3", "-fopenmp"] if sys.platform.startswith("linux") else ["-O3"]
 if os.environ.get("FORCE_CUDA") == "1" or (torch.version.cuda is not None and CUDA_HOME is not None and cu):
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No visible GPU (CI, build hosts): torch cannot pick the architectures itself and fails.

@@ -1,8 +1,10 @@
 // mtdl_fast._C: the compiled half of the engine. Knows nothing of models or tasks: tensors in,
-// tensors out. Issue #3 adds the affinity reduction and the Gram reduction, #4 the group search.
+// tensors out. The affinity and Gram reductions, the task-grouping search and the fused K-view
+// augmentation on the CPU.
 #include <torch/extension.h>
 
 #include "affinity.h"
+#include "fused_views_cpu.h"
 #include "group_search.h"
 
 namespace {
@@ -25,6 +27,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the running state (total: sum, or EMA when decay is given; count) updated in place where valid. "
         "Returns the number of invalid entries as a 0-dim int64 tensor on the inputs' device.",
         py::arg("base"), py::arg("lookahead"), py::arg("total"), py::arg("count"), py::arg("decay"), py::arg("z"));
+  m.def("affinity_moments", &mtdl::affinity_moments,
+        "The TAG affinity step folded into running moments: z as affinity_update; count (K, K) int64 and moments "
+        "(4, K, K) float64 [mean, m2, weight, weight_sq] updated in place where valid (West's weighted update, "
+        "past weights scaled by decay; Welford without decay). Returns the number of invalid entries as a 0-dim "
+        "int64 tensor on the inputs' device.",
+        py::arg("base"), py::arg("lookahead"), py::arg("count"), py::arg("moments"), py::arg("decay"), py::arg("z"));
   m.def("gram", &mtdl::gram, "out (K, K) float64 = grads @ grads.T for grads (K, P), accumulated in float64.",
         py::arg("grads"), py::arg("out"));
   m.def("select_groups", &mtdl::select_groups,
@@ -32,4 +40,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "minimize=False for TAG (affinity, maximise), True for HOA (pairwise losses, minimise). Returns "
         "(value, groups as increasing bitmasks, nodes visited). Releases the GIL while searching.",
         py::arg("matrix"), py::arg("budget"), py::arg("minimize"), py::call_guard<py::gil_scoped_release>());
+  m.def("fused_views_abi", &mtdl::fused_views_abi,
+        "The fused K-view program ABI: every SPATIAL_*, OP_*, SLOT_* constant (and MAX_OPS, ...) by name.");
+  m.def("fused_views_cpu", &mtdl::fused_views_cpu,
+        "All K views of x (B, C, H, W) for the program tables (spatial, ops, params) written into out "
+        "(K, B, C, H, W): the Triton kernel's program ABI in C++, parallel over (image, row tile). "
+        "Releases the GIL.",
+        py::arg("x"), py::arg("spatial"), py::arg("ops"), py::arg("params"), py::arg("seed"), py::arg("mean"),
+        py::arg("std"), py::arg("normalize"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
 }
