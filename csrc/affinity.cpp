@@ -33,6 +33,28 @@ void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, in
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// Checks base (K,) and lookahead (K, K); returns K.
+int64_t check_losses(const at::Tensor& base, const at::Tensor& lookahead) {
+  TORCH_CHECK(base.dim() == 1, "base must be a 1-D tensor of K losses, got shape ", base.sizes());
+  const int64_t K = base.size(0);
+  TORCH_CHECK(is_loss_dtype(base.scalar_type()), "base must be float32, float64, float16 or bfloat16, got ",
+              base.scalar_type());
+  TORCH_CHECK(is_loss_dtype(lookahead.scalar_type()),
+              "lookahead must be float32, float64, float16 or bfloat16, got ", lookahead.scalar_type());
+  TORCH_CHECK(lookahead.dim() == 2 && lookahead.size(0) == K && lookahead.size(1) == K,
+              "lookahead must have shape (", K, ", ", K, "), got ", lookahead.sizes());
+  TORCH_CHECK(lookahead.device() == base.device(), "lookahead must be on ", base.device(), ", got ",
+              lookahead.device());
+  return K;
+}
+
+// The decay in (0, 1), or -1 when unset.
+double checked_decay(std::optional<double> decay) {
+  if (!decay.has_value()) return -1.0;
+  TORCH_CHECK(*decay > 0.0 && *decay < 1.0, "decay must be in (0, 1), got ", *decay);
+  return *decay;
+}
+
 #ifdef MTDL_WITH_CUDA
 int dtype_code(at::ScalarType t) {
   switch (t) {
@@ -47,6 +69,15 @@ int dtype_code(at::ScalarType t) {
 #endif
 
 // ---- affinity: CPU --------------------------------------------------------------------------------
+//
+// No multiply-add is contracted here (the extension is built without -mfma), so every operation
+// rounds exactly as the CUDA kernels' explicit _rn intrinsics and the PyTorch twins' separate ops.
+
+// Z = 1 - v / l for base loss l and lookahead loss v; false when the entry is invalid.
+inline bool step_z(double l, double v, double& zz) {
+  zz = 1.0 - v / l;
+  return std::isfinite(l) && l > 0.0 && std::isfinite(v) && std::isfinite(zz);
+}
 
 int64_t affinity_update_cpu(const at::Tensor& base, const at::Tensor& lookahead, const at::Tensor& total,
                             const at::Tensor& count, double decay, const at::Tensor& z) {
@@ -65,10 +96,8 @@ int64_t affinity_update_cpu(const at::Tensor& base, const at::Tensor& lookahead,
   for (int64_t i = 0; i < K; ++i) {
     for (int64_t j = 0; j < K; ++j) {
       const int64_t e = i * K + j;
-      const double l = L[j], v = LA[e];
-      const double zz = 1.0 - v / l;
-      const bool valid = std::isfinite(l) && l > 0.0 && std::isfinite(v) && std::isfinite(zz);
-      if (!valid) {
+      double zz;
+      if (!step_z(L[j], LA[e], zz)) {
         Z[e] = std::numeric_limits<double>::quiet_NaN();
         ++skipped;
         continue;
@@ -85,6 +114,41 @@ int64_t affinity_update_cpu(const at::Tensor& base, const at::Tensor& lookahead,
       }
       C[e] += 1;
     }
+  }
+  return skipped;
+}
+
+int64_t affinity_moments_cpu(const at::Tensor& base, const at::Tensor& lookahead, const at::Tensor& count,
+                             const at::Tensor& moments, double keep, const at::Tensor& z) {
+  const int64_t K = base.numel(), KK = K * K;
+  const at::Tensor b64 = base.to(at::kDouble).contiguous();
+  const at::Tensor la64 = lookahead.to(at::kDouble).contiguous();
+  const double* L = b64.const_data_ptr<double>();
+  const double* LA = la64.const_data_ptr<double>();
+  int64_t* C = count.mutable_data_ptr<int64_t>();
+  double* mean = moments.mutable_data_ptr<double>();
+  double* m2 = mean + KK;
+  double* weight = m2 + KK;
+  double* weight_sq = weight + KK;
+  double* Z = z.mutable_data_ptr<double>();
+  const double keep_sq = keep * keep;
+  int64_t skipped = 0;
+  for (int64_t e = 0; e < KK; ++e) {
+    double zz;
+    if (!step_z(L[e % K], LA[e], zz)) {
+      Z[e] = std::numeric_limits<double>::quiet_NaN();
+      ++skipped;
+      continue;
+    }
+    Z[e] = zz;
+    const double w = keep * weight[e] + 1.0;
+    weight_sq[e] = keep_sq * weight_sq[e] + 1.0;
+    const double delta = zz - mean[e];
+    const double m = mean[e] + delta / w;
+    m2[e] = keep * m2[e] + delta * (zz - m);
+    mean[e] = m;
+    weight[e] = w;
+    C[e] += 1;
   }
   return skipped;
 }
@@ -161,24 +225,12 @@ void gram_cpu(const at::Tensor& x, const at::Tensor& out) {
 
 at::Tensor affinity_update(const at::Tensor& base, const at::Tensor& lookahead, const at::Tensor& total,
                            const at::Tensor& count, std::optional<double> decay, const at::Tensor& z) {
-  TORCH_CHECK(base.dim() == 1, "base must be a 1-D tensor of K losses, got shape ", base.sizes());
-  const int64_t K = base.size(0);
-  TORCH_CHECK(is_loss_dtype(base.scalar_type()), "base must be float32, float64, float16 or bfloat16, got ",
-              base.scalar_type());
-  TORCH_CHECK(is_loss_dtype(lookahead.scalar_type()),
-              "lookahead must be float32, float64, float16 or bfloat16, got ", lookahead.scalar_type());
-  TORCH_CHECK(lookahead.dim() == 2 && lookahead.size(0) == K && lookahead.size(1) == K,
-              "lookahead must have shape (", K, ", ", K, "), got ", lookahead.sizes());
+  const int64_t K = check_losses(base, lookahead);
   const at::Device device = base.device();
-  TORCH_CHECK(lookahead.device() == device, "lookahead must be on ", device, ", got ", lookahead.device());
   check_state(total, "total", at::kDouble, K, device);
   check_state(count, "count", at::kLong, K, device);
   check_state(z, "z", at::kDouble, K, device);
-  double d = -1.0;  // < 0: running sum
-  if (decay.has_value()) {
-    d = *decay;
-    TORCH_CHECK(d > 0.0 && d < 1.0, "decay must be in (0, 1), got ", d);
-  }
+  const double d = checked_decay(decay);  // < 0: running sum
   if (device.is_cuda()) {
 #ifdef MTDL_WITH_CUDA
     const c10::cuda::CUDAGuard guard(device);
@@ -195,6 +247,39 @@ at::Tensor affinity_update(const at::Tensor& base, const at::Tensor& lookahead, 
   }
   TORCH_CHECK(device.is_cpu(), "affinity_update supports CPU and CUDA tensors, got ", device);
   const int64_t skipped = affinity_update_cpu(base, lookahead, total, count, d, z);
+  return at::scalar_tensor(skipped, at::TensorOptions().dtype(at::kLong));
+}
+
+at::Tensor affinity_moments(const at::Tensor& base, const at::Tensor& lookahead, const at::Tensor& count,
+                            const at::Tensor& moments, std::optional<double> decay, const at::Tensor& z) {
+  const int64_t K = check_losses(base, lookahead);
+  const at::Device device = base.device();
+  check_state(count, "count", at::kLong, K, device);
+  TORCH_CHECK(moments.dim() == 3 && moments.size(0) == 4 && moments.size(1) == K && moments.size(2) == K,
+              "moments must have shape (4, ", K, ", ", K, "), got ", moments.sizes());
+  TORCH_CHECK(moments.scalar_type() == at::kDouble, "moments must be ", at::kDouble, ", got ",
+              moments.scalar_type());
+  TORCH_CHECK(moments.device() == device, "moments must be on ", device, ", got ", moments.device());
+  TORCH_CHECK(moments.is_contiguous(), "moments must be contiguous");
+  check_state(z, "z", at::kDouble, K, device);
+  const double d = checked_decay(decay);
+  const double keep = d < 0.0 ? 1.0 : d;  // no decay: every weight 1 (Welford)
+  if (device.is_cuda()) {
+#ifdef MTDL_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(device);
+    const at::Tensor b = base.contiguous(), la = lookahead.contiguous();
+    at::Tensor skipped = at::empty({}, base.options().dtype(at::kLong));
+    C10_CUDA_CHECK(static_cast<cudaError_t>(affinity_moments_cuda(
+        b.const_data_ptr(), dtype_code(b.scalar_type()), la.const_data_ptr(), dtype_code(la.scalar_type()), K,
+        count.mutable_data_ptr<int64_t>(), moments.mutable_data_ptr<double>(), keep, z.mutable_data_ptr<double>(),
+        skipped.mutable_data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream(device.index()).stream())));
+    return skipped;
+#else
+    TORCH_CHECK(false, "mtdl_fast._C was built without CUDA; got tensors on ", device);
+#endif
+  }
+  TORCH_CHECK(device.is_cpu(), "affinity_moments supports CPU and CUDA tensors, got ", device);
+  const int64_t skipped = affinity_moments_cpu(base, lookahead, count, moments, keep, z);
   return at::scalar_tensor(skipped, at::TensorOptions().dtype(at::kLong));
 }
 

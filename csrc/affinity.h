@@ -31,6 +31,19 @@ namespace mtdl {
 at::Tensor affinity_update(const at::Tensor& base, const at::Tensor& lookahead, const at::Tensor& total,
                            const at::Tensor& count, std::optional<double> decay, const at::Tensor& z);
 
+// The same step Z (same validity rule, same float64 operations) folded into per-entry running
+// moments instead: moments (4, K, K) float64 holds [mean, m2, weight, weight_sq] of the valid Z
+// observations of each entry, count (K, K) int64 their number. With keep = decay (or 1 when unset),
+// a valid observation z makes, in this order of float64 operations:
+//   weight' = keep * weight + 1,  weight_sq' = (keep * keep) * weight_sq + 1,
+//   delta = z - mean,  mean' = mean + delta / weight',  m2' = keep * m2 + delta * (z - mean')
+// i.e. West's weighted update with the past observations' weights scaled by keep (Welford when
+// decay is unset): weights proportional to keep^(n - t), mean the weighted mean, m2 the weighted
+// sum of squared deviations. Invalid entries leave the state unchanged. Returns the number of
+// invalid entries as a 0-dim int64 tensor on the inputs' device (no host synchronisation on CUDA).
+at::Tensor affinity_moments(const at::Tensor& base, const at::Tensor& lookahead, const at::Tensor& count,
+                            const at::Tensor& moments, std::optional<double> decay, const at::Tensor& z);
+
 // out (K, K) float64 = grads @ grads.T for grads (K, P), products and sums in float64. The result is
 // exactly symmetric and deterministic (the summation order depends on K and P only, never on the
 // thread count or the GPU model).
@@ -44,6 +57,10 @@ enum DtypeCode : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 
 int affinity_update_cuda(const void* base, int base_dtype, const void* lookahead, int lookahead_dtype, int64_t K,
                          double* total, int64_t* count, double decay, double* z, int64_t* skipped, void* stream);
+
+// moments: 4 * K * K float64 ([mean, m2, weight, weight_sq]); keep = decay, or 1 without decay.
+int affinity_moments_cuda(const void* base, int base_dtype, const void* lookahead, int lookahead_dtype, int64_t K,
+                          int64_t* count, double* moments, double keep, double* z, int64_t* skipped, void* stream);
 
 // Column chunks of the CUDA Gram reduction for P columns (a function of P only).
 void gram_cuda_plan(int64_t P, int64_t* nchunks, int64_t* chunk_len);

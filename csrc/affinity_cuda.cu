@@ -1,8 +1,8 @@
 // CUDA halves of the affinity accumulation and the gradient Gram reduction (see affinity.h).
 //
-// Affinity: one block of kAffinityThreads threads walks the K*K entries (K is small: the kernel is
-// launch-bound), updates the float64 state in place and block-reduces the skipped count into a
-// 0-dim device tensor. The arithmetic uses the explicit round-to-nearest intrinsics so that no
+// Affinity (the running sum / EMA, and the running moments): one block of kAffinityThreads threads
+// walks the K*K entries (K is small: the kernels are launch-bound), updates the float64 state in
+// place and block-reduces the skipped count into a 0-dim device tensor. The arithmetic uses the explicit round-to-nearest intrinsics so that no
 // multiply-add is contracted: the results are bit-identical to the CPU implementation.
 //
 // Gram: out = X X^T for X (K, P), float64 products and sums. The rows are split into row blocks of
@@ -62,6 +62,26 @@ __device__ __forceinline__ double load_f64(const void* p, int64_t i, int code) {
   }
 }
 
+// Z = 1 - v / l for base loss l and lookahead loss v; false when the entry is invalid.
+__device__ __forceinline__ bool step_z(double l, double v, double& zz) {
+  zz = __dsub_rn(1.0, __ddiv_rn(v, l));
+  return isfinite(l) && l > 0.0 && isfinite(v) && isfinite(zz);
+}
+
+// Sum of every thread's `local` written to *out by thread 0: warp shuffles, then warp 0 in order.
+__device__ __forceinline__ void block_sum_to(int64_t local, int64_t* out) {
+  __shared__ int64_t warp_sums[kAffinityThreads / 32];
+  for (int off = 16; off > 0; off /= 2) local += __shfl_down_sync(0xffffffffu, local, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = local;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t s = 0;
+    for (int w = 0; w < kAffinityThreads / 32; ++w) s += warp_sums[w];
+    *out = s;
+  }
+}
+
 __global__ void __launch_bounds__(kAffinityThreads)
 affinity_update_kernel(const void* __restrict__ base, int base_code, const void* __restrict__ lookahead,
                        int lookahead_code, int64_t K, double* __restrict__ total, int64_t* __restrict__ count,
@@ -69,11 +89,8 @@ affinity_update_kernel(const void* __restrict__ base, int base_code, const void*
   int64_t local = 0;
   const int64_t n = K * K;
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-    const double l = load_f64(base, e % K, base_code);
-    const double v = load_f64(lookahead, e, lookahead_code);
-    const double zz = __dsub_rn(1.0, __ddiv_rn(v, l));
-    const bool valid = isfinite(l) && l > 0.0 && isfinite(v) && isfinite(zz);
-    if (!valid) {
+    double zz;
+    if (!step_z(load_f64(base, e % K, base_code), load_f64(lookahead, e, lookahead_code), zz)) {
       z[e] = __longlong_as_double(0x7ff8000000000000LL);  // quiet NaN
       ++local;
       continue;
@@ -89,17 +106,39 @@ affinity_update_kernel(const void* __restrict__ base, int base_code, const void*
     }
     count[e] = c + 1;
   }
-  // Block reduction of the skipped count: warp shuffles, then warp 0 over the warp sums.
-  __shared__ int64_t warp_sums[kAffinityThreads / 32];
-  for (int off = 16; off > 0; off /= 2) local += __shfl_down_sync(0xffffffffu, local, off);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = local;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int64_t s = 0;
-    for (int w = 0; w < kAffinityThreads / 32; ++w) s += warp_sums[w];
-    *skipped = s;
+  block_sum_to(local, skipped);
+}
+
+// moments: [mean, m2, weight, weight_sq], each K * K (see affinity.h for the update).
+__global__ void __launch_bounds__(kAffinityThreads)
+affinity_moments_kernel(const void* __restrict__ base, int base_code, const void* __restrict__ lookahead,
+                        int lookahead_code, int64_t K, int64_t* __restrict__ count, double* __restrict__ moments,
+                        double keep, double* __restrict__ z, int64_t* __restrict__ skipped) {
+  int64_t local = 0;
+  const int64_t n = K * K;
+  double* mean = moments;
+  double* m2 = moments + n;
+  double* weight = moments + 2 * n;
+  double* weight_sq = moments + 3 * n;
+  const double keep_sq = __dmul_rn(keep, keep);
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+    double zz;
+    if (!step_z(load_f64(base, e % K, base_code), load_f64(lookahead, e, lookahead_code), zz)) {
+      z[e] = __longlong_as_double(0x7ff8000000000000LL);  // quiet NaN
+      ++local;
+      continue;
+    }
+    z[e] = zz;
+    const double w = __dadd_rn(__dmul_rn(keep, weight[e]), 1.0);
+    weight_sq[e] = __dadd_rn(__dmul_rn(keep_sq, weight_sq[e]), 1.0);
+    const double delta = __dsub_rn(zz, mean[e]);
+    const double m = __dadd_rn(mean[e], __ddiv_rn(delta, w));
+    m2[e] = __dadd_rn(__dmul_rn(keep, m2[e]), __dmul_rn(delta, __dsub_rn(zz, m)));
+    mean[e] = m;
+    weight[e] = w;
+    count[e] += 1;
   }
+  block_sum_to(local, skipped);
 }
 
 // ---- Gram -------------------------------------------------------------------------------------------
@@ -274,6 +313,13 @@ int affinity_update_cuda(const void* base, int base_dtype, const void* lookahead
   const double keep = ema ? decay : 0.0, take = ema ? 1.0 - decay : 0.0;
   affinity_update_kernel<<<1, kAffinityThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       base, base_dtype, lookahead, lookahead_dtype, K, total, count, ema, keep, take, z, skipped);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int affinity_moments_cuda(const void* base, int base_dtype, const void* lookahead, int lookahead_dtype, int64_t K,
+                          int64_t* count, double* moments, double keep, double* z, int64_t* skipped, void* stream) {
+  affinity_moments_kernel<<<1, kAffinityThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      base, base_dtype, lookahead, lookahead_dtype, K, count, moments, keep, z, skipped);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -1,7 +1,7 @@
 // Exact task-grouping search (TAG network selection / HOA) by branch and bound over collections of
-// subsets, with a set-partition dynamic program as the bound. mtdl_fast/grouping.py holds the
-// pure-Python twin (same algorithm, same float64 operations in the same order, same node count)
-// and the exhaustive reference both are tested against.
+// subsets, with a set-partition dynamic program as the bound: the one implementation of the exact
+// search. mtdl_fast/grouping.py holds the exhaustive reference it is tested against and scores the
+// chosen groups with the same float64 operations in the same order.
 //
 // ---- notation (maximise form) ------------------------------------------------------------------
 // sc[S][a]: score of task a in subset S (-inf when a is not in S). A collection C covers every task;

@@ -5,8 +5,8 @@
 //   every non-empty subset S of the K tasks is a candidate group; member a of S scores
 //     TAG: mean over b in S\{a} of Z[b, a]          (singleton: -1e6)
 //     HOA: -(mean over b in S\{a} of P[a, b])       (singleton: -P[a, a])
-//   sums run over b in increasing order, then divide by |S| - 1 (the Python twin does the same
-//   float64 operations in the same order, so the score tables agree bit for bit).
+//   sums run over b in increasing order, then divide by |S| - 1 (mtdl_fast/grouping.py scores the
+//   chosen groups with the same float64 operations in the same order, so the scores agree bit for bit).
 //   A collection of at most `budget` distinct subsets is feasible if it covers every task; its total
 //   is the sum, over tasks in index order, of each task's best score in the collection; value =
 //   total / K. The answer is the first collection, in the exhaustive enumeration order (fewer groups

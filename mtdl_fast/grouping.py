@@ -6,7 +6,7 @@
     res.score       # the collection's value (mean over tasks of each task's serving score)
     print(res)      # a table of the groups and of every task's serving group and score
 
-The rule (SEMANTICS.md, "TAG network selection"). Every non-empty subset S of the K tasks is a
+The rule (TAG's network selection, as published). Every non-empty subset S of the K tasks is a
 candidate group. TAG, on an affinity matrix ``Z`` (``Z[i, j]``: effect of task i's update on task
 j): for ``|S| >= 2`` the score of member a is the mean over the other members b of ``Z[b, a]``; a
 singleton scores -1e6. A collection of at most `budget` distinct subsets is feasible when it covers
@@ -16,7 +16,7 @@ collection of highest value. HOA, on pairwise losses ``P`` (``P[a, b]``: a's los
 b, ``P[a, a]``: a's single-task loss): member score of a in S is the mean over b in S\\{a} of
 ``P[a, b]``, a singleton scores ``P[a, a]``, and the value (a predicted mean loss) is minimised.
 
-Numerics, shared by every path here so they agree to the last bit: member sums run over the other
+Numerics, shared by the compiled search and the scoring here: member sums run over the other
 members in increasing index order and are then divided by ``|S| - 1``; a collection's total is the
 sum over tasks, in index order, of each task's serving score, and its value is ``total / K``.
 
@@ -32,16 +32,20 @@ ties. A task's serving group is the first group in `groups` with the task's best
 Paths:
 
 - exact (default): branch and bound with a set-partition bound, in the compiled extension
-  (`mtdl_fast._C.select_groups`, GIL released) or, when it is not built (or ``backend="python"``),
-  in the pure-Python twin below, which performs the same float64 operations in the same order and
-  visits the same nodes. K <= 20 (tables of 2^K entries; memory about ``(8 K + 8 b + 12) 2^K``
-  bytes, time about ``b 3^K`` on one core: a few milliseconds for K <= 12, ~0.3 s for K = 16,
-  ~2 s for K = 18, ~20 s for K = 20; the Python twin is roughly 100x slower).
+  (`mtdl_fast._C.select_groups`, GIL released; every install builds it, and without it the exact
+  search raises a RuntimeError saying how to build it). K <= 20 (tables of 2^K entries; memory
+  about ``(8 K + 8 b + 12) 2^K`` bytes, time about ``b 3^K`` on one core: under a millisecond for
+  K <= 10, a few milliseconds for K = 12, ~0.3 s for K = 16, ~2 s for K = 18, ~20 s for K = 20).
   See csrc/group_search.cpp for the bound and why it is valid.
 - ``exact=False``: a greedy search for any K (candidate pool of pairs and greedily grown groups,
   forward selection, then single-group swaps until no swap improves). Not optimal in general;
   ``result.exact`` is False.
 - `exhaustive_groups`: the plain reference (every collection; only for small K).
+
+Stability: `bootstrap_groups(steps, budget)` resamples per-step affinity matrices (e.g.
+``AffinityTracker.history``) with replacement, reruns the exact search on each resample's mean and
+reports how often the grouping chosen on the full mean comes back, and how often each task keeps
+its partners.
 """
 from __future__ import annotations
 
@@ -56,15 +60,13 @@ import torch
 
 from mtdl_fast._ext import ext
 
-__all__ = ["GroupingResult", "select_groups", "exhaustive_groups", "exhaustive_collections", "MAX_EXACT_TASKS",
-           "TAG_SINGLETON"]
+__all__ = ["BootstrapResult", "GroupingResult", "bootstrap_groups", "select_groups", "exhaustive_groups",
+           "exhaustive_collections", "MAX_EXACT_TASKS", "TAG_SINGLETON"]
 
 MAX_EXACT_TASKS = 20
 MAX_MAGNITUDE = 1e100  # larger entries could overflow the float64 sums
 TAG_SINGLETON = -1e6
 _METHODS = ("tag", "hoa")
-_BACKENDS = ("auto", "extension", "python")
-_UNIT = 2.0**-53
 
 
 # ---- result -----------------------------------------------------------------------------------------
@@ -88,7 +90,8 @@ class GroupingResult:
             greedy).
         exact: True when `score` is the proven optimum.
         budget: the budget searched with.
-        backend: "extension", "python", "exhaustive" or "greedy".
+        backend: the search that chose it: "extension" (the exact branch and bound),
+            "exhaustive" or "greedy".
     """
 
     groups: list[list[int]]
@@ -149,24 +152,34 @@ def _as_matrix(affinity: Any, name: str = "affinity") -> np.ndarray:
         raise ValueError(f"{name} must be a square (K, K) matrix, got shape {tuple(arr.shape)}")
     if arr.shape[0] == 0:
         raise ValueError(f"{name} must have at least one task, got shape {tuple(arr.shape)}")
+    _check_values(arr, name)
+    return np.ascontiguousarray(arr)
+
+
+def _check_values(arr: np.ndarray, name: str) -> None:
+    """ValueError unless every entry is finite and at most MAX_MAGNITUDE in magnitude."""
     bad = ~np.isfinite(arr)
     if bad.any():
-        i, j = map(int, np.argwhere(bad)[0])
-        raise ValueError(f"{name} has {int(bad.sum())} non-finite entries (NaN or inf), e.g. [{i}, {j}] = {arr[i, j]}")
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite entries (NaN or inf), "
+                         f"e.g. [{', '.join(map(str, first))}] = {arr[first]}")
     big = float(np.abs(arr).max())
     if big > MAX_MAGNITUDE:
         raise ValueError(
             f"{name} entries must have magnitude <= {MAX_MAGNITUDE:g} (sums must not overflow), got {big:g}"
         )
-    return np.ascontiguousarray(arr)
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def _check_budget(budget: Any) -> int:
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, np.integer)):
-        raise TypeError(f"budget must be an int >= 1, got {budget!r}")
-    if budget < 1:
-        raise ValueError(f"budget must be >= 1, got {budget}")
-    return int(budget)
+    return _check_count("budget", budget, minimum=1)
 
 
 def _check_method(method: Any) -> str:
@@ -202,30 +215,6 @@ def _x_matrix(m: np.ndarray, minimize: bool) -> np.ndarray:
     x = (m.T if minimize else m).copy()
     np.fill_diagonal(x, 0.0)
     return x
-
-
-def _score_table(m: np.ndarray, minimize: bool) -> np.ndarray:
-    """(2^K, K) float64: score of task a in subset S (maximise form: HOA negated), -inf off S.
-
-    Same operations as csrc/group_search.cpp: raw[S] = raw[S - top(S)] + X[top(S)], then / (|S| - 1).
-    """
-    k = m.shape[0]
-    n = 1 << k
-    x = _x_matrix(m, minimize)
-    raw = np.zeros((n, k))
-    for t in range(k):
-        raw[1 << t: 2 << t] = raw[: 1 << t] + x[t]
-    masks = np.arange(n)
-    member = ((masks[:, None] >> np.arange(k)) & 1).astype(bool)
-    pc = member.sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = raw / np.maximum(pc - 1, 1)[:, None].astype(np.float64)
-    if minimize:
-        sc = -sc
-    for a in range(k):
-        sc[1 << a, a] = -m[a, a] if minimize else TAG_SINGLETON
-    sc[~member] = -np.inf
-    return sc
 
 
 def _member_scores(m: np.ndarray, group: Sequence[int], minimize: bool) -> np.ndarray:
@@ -280,8 +269,6 @@ def select_groups(
     method: str = "tag",
     names: Sequence[str] | None = None,
     exact: bool = True,
-    *,
-    backend: str = "auto",
 ) -> GroupingResult:
     """Choose at most `budget` task groups by TAG's network selection rule (or HOA's).
 
@@ -293,44 +280,45 @@ def select_groups(
         method: "tag" (maximise the mean affinity onto each task from its group) or "hoa"
             (minimise the mean predicted loss).
         names: optional task names (one per task), used when printing.
-        exact: True (default): the proven optimum, K <= 20. False: greedy search for any K, not
-            optimal in general.
-        backend: exact search only: "auto" (compiled extension when built, else Python), "extension"
-            (require it) or "python" (the pure-Python twin).
+        exact: True (default): the proven optimum, K <= 20, by the compiled branch and bound.
+            False: greedy search for any K, not optimal in general.
 
     Returns:
         A `GroupingResult`.
 
     Raises:
+        TypeError: budget not an int.
         ValueError: affinity not a finite real square matrix (entries up to 1e100 in magnitude),
-            budget not an int >= 1, names of the wrong length, unknown method or backend, or
-            K > 20 with ``exact=True`` (the message points to ``exact=False``).
-        RuntimeError: ``backend="extension"`` without a built extension.
+            budget < 1, names of the wrong length, unknown method, or K > 20 with ``exact=True``
+            (the message points to ``exact=False``).
+        RuntimeError: ``exact=True`` without the compiled extension `mtdl_fast._C` (the message
+            says how to build it).
     """
     m = _as_matrix(affinity)
     budget = _check_budget(budget)
     method = _check_method(method)
     k = m.shape[0]
     names = _check_names(names, k)
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     minimize = method == "hoa"
     if not exact:
         masks, nodes = _greedy(m, budget, minimize)
         return _result(m, masks, method, names, nodes, False, budget, "greedy")
     _check_exact_size(k)
-    mod = None if backend == "python" else ext()
-    if mod is None and backend == "extension":
-        raise RuntimeError("backend='extension' but mtdl_fast._C is not available")
-    if mod is not None and hasattr(mod, "select_groups"):
-        _, masks, nodes = mod.select_groups(torch.from_numpy(m), budget, minimize)
-        used = "extension"
-    else:
-        if backend == "extension":
-            raise RuntimeError("backend='extension' but mtdl_fast._C has no select_groups (rebuild it)")
-        _, masks, nodes = _search_python(m, budget, minimize)
-        used = "python"
-    return _result(m, masks, method, names, nodes, True, budget, used)
+    masks, nodes = _exact_search(m, budget, minimize)
+    return _result(m, masks, method, names, nodes, True, budget, "extension")
+
+
+def _exact_search(m: np.ndarray, budget: int, minimize: bool) -> tuple[list[int], int]:
+    """(bitmasks of the chosen groups, nodes visited) by the compiled branch and bound."""
+    mod = ext()
+    if mod is None or not hasattr(mod, "select_groups"):
+        raise RuntimeError(
+            "the exact group search runs in the compiled extension mtdl_fast._C, which is not available; "
+            "build it with `pip install --no-build-isolation -e .` in the repository (or reinstall mtdl-fast), "
+            "or pass exact=False for the greedy search"
+        )
+    _, masks, nodes = mod.select_groups(torch.from_numpy(m), budget, minimize)
+    return list(masks), nodes
 
 
 # ---- exhaustive reference -------------------------------------------------------------------------------
@@ -449,255 +437,121 @@ def _exhaustive(m: np.ndarray, budget: int, minimize: bool, stats: dict | None =
     return [int(i) + 1 for i in best_combo], count
 
 
-# ---- the exact search in Python (twin of csrc/group_search.cpp) -------------------------------------------
+# ---- bootstrap stability --------------------------------------------------------------------------------
 
 
-def _submasks(mask: int) -> np.ndarray:
-    """All submasks of `mask`, increasing."""
-    bits = [b for b in range(mask.bit_length()) if (mask >> b) & 1]
-    idx = np.arange(1 << len(bits), dtype=np.int64)
-    out = np.zeros_like(idx)
-    for j, b in enumerate(bits):
-        out |= ((idx >> j) & 1) << b
-    return out
+@dataclass(frozen=True)
+class BootstrapResult:
+    """How stable a grouping is when the tracked steps are resampled.
+
+    Attributes:
+        chosen: the grouping selected on the mean of all the steps.
+        selected: share of the resamples whose selection is exactly ``chosen.groups``.
+        partners: for each task t, the share of the resamples in which t's serving group is the
+            same set of tasks as ``chosen.serving_group(t)``.
+        groupings: every grouping some resample selected, with its number of resamples, most
+            frequent first (equal counts: first drawn first).
+        n_resamples, n_steps, seed: the resampling (see `bootstrap_groups`).
+    """
+
+    chosen: GroupingResult
+    selected: float
+    partners: list[float]
+    groupings: list[tuple[list[list[int]], int]]
+    n_resamples: int
+    n_steps: int
+    seed: int
+
+    def __str__(self) -> str:
+        chosen = self.chosen
+        k = len(chosen.serving)
+        lines = [f"bootstrap over {self.n_steps} steps, {self.n_resamples} resamples (seed {self.seed}): "
+                 f"the chosen grouping is selected in {self.selected:.1%}"]
+        width = max([len("task")] + [len(chosen._name(t)) for t in range(k)])
+        lines.append(f"  {'task':<{width}}  same partners")
+        lines += [f"  {chosen._name(t):<{width}}  {self.partners[t]:>13.1%}" for t in range(k)]
+        lines.append("  most frequent groupings:")
+        for groups, count in self.groupings[:5]:
+            text = " ".join("{" + ", ".join(chosen._name(t) for t in g) + "}" for g in groups)
+            lines.append(f"  {count / self.n_resamples:>6.1%}  {text}")
+        return "\n".join(lines)
 
 
-class _PySearch:
-    """Line-for-line twin of the C++ `Search` class (see csrc/group_search.cpp for the reasoning)."""
+def bootstrap_groups(
+    steps: Any,
+    budget: int,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    method: str = "tag",
+    names: Sequence[str] | None = None,
+) -> BootstrapResult:
+    """Bootstrap the exact selection over per-step affinity matrices.
 
-    def __init__(self, m: np.ndarray, budget: int, minimize: bool):
-        k = m.shape[0]
-        self.k, self.n, self.full = k, 1 << k, (1 << k) - 1
-        self.maxr = min(budget, k)
-        self.sc = _score_table(m, minimize)
-        self.best = self.sc.max(axis=0)
-        masks = np.arange(self.n)
-        pc = np.zeros(self.n, dtype=np.int64)
-        for b in range(k):
-            pc += (masks >> b) & 1
-        pair_up = (pc >= 2)[:, None]
-        with np.errstate(invalid="ignore"):
-            mabs = np.where(np.isfinite(self.sc) & pair_up, np.abs(self.sc), 0.0).max(axis=0)
-        self.mabs = np.maximum(mabs, np.abs(self.best))
-        self._build_dp()
+    Resample r = 0, 1, ... draws ``idx = rng.integers(0, n, size=n)`` from
+    ``rng = numpy.random.default_rng(seed)`` (n step indices with replacement), averages those
+    steps (``steps[idx].mean(axis=0)``) and runs the exact search (`select_groups`) on the mean.
+    The grouping chosen on the mean of all n steps is then compared with each resample's.
 
-    # -- tables --
-    def _build_dp(self) -> None:
-        n, k, sc = self.n, self.k, self.sc
-        w = np.full(n, -np.inf)
-        w[0] = 0.0
-        for s in range(1, n):
-            bits = [a for a in range(k) if (s >> a) & 1]
-            tsum = np.zeros(1 << len(bits))
-            for hb, a in enumerate(bits):
-                tsum[1 << hb: 2 << hb] = tsum[: 1 << hb] + sc[s, a]
-            tmask = _submasks(s)  # distinct: a plain gather/scatter is exact
-            w[tmask[1:]] = np.maximum(w[tmask[1:]], tsum[1:])
-        self.h = [w]
-        self.h_top = w[self.full] if self.maxr == 1 else None
-        for r in range(2, self.maxr + 1):
-            prev = self.h[r - 2]
-            if r < self.maxr:
-                cur = np.full(n, -np.inf)
-                cur[0] = 0.0
-                for u in range(1, n):
-                    cur[u] = self._split_max(u, w, prev)
-                self.h.append(cur)
-            else:
-                self.h_top = self._split_max(self.full, w, prev)
+    Args:
+        steps: (n, K, K) tensor or array of per-step matrices, finite, n >= 2 (e.g.
+            ``AffinityTracker.history``: per-step Z, source i onto target j).
+        budget, method, names: as for `select_groups`.
+        n_resamples: resamples to draw (int >= 1). The C++ search takes well under a millisecond
+            at K = 10, so 1,000 resamples take about a second.
+        seed: seeds the resampling (int >= 0): the same steps and seed give the same result.
 
-    @staticmethod
-    def _split_max(u: int, w: np.ndarray, prev: np.ndarray) -> float:
-        low = u & -u
-        t = low | _submasks(u ^ low)
-        return float((w[t] + prev[u ^ t]).max())
+    Returns:
+        A `BootstrapResult`.
 
-    def hval(self, r: int, u: int) -> float:
-        if u == 0:
-            return 0.0
-        if r <= 0:
-            return -math.inf
-        if r < self.maxr or (self.maxr == 1 and r == 1):
-            return float(self.h[r - 1][u])
-        assert r == self.maxr and u == self.full
-        return float(self.h_top)
-
-    def _dp_collection_total(self) -> float:
-        k, sc = self.k, self.sc
-        groups = []
-        u, r = self.full, self.maxr
-        target = self.hval(r, u)
-        while u:
-            low = u & -u
-            rest = u ^ low
-            ts = (low | _submasks(rest))[::-1]  # the C++ loop walks R = rest .. 0
-            if r == 1:
-                ts = ts[ts == u]
-                c = self.h[0][ts]
-            else:
-                c = np.array([self.h[0][t] + self.hval(r - 1, u ^ int(t)) for t in ts])
-            hit = np.flatnonzero(c == target)
-            assert hit.size, "internal error rebuilding the DP partition"
-            pick = int(ts[hit[0]])
-            supers = pick | _submasks(self.full ^ pick)
-            s = np.zeros(supers.shape[0])
-            for a in range(k):
-                if (pick >> a) & 1:
-                    s = s + sc[supers, a]
-            hit = np.flatnonzero(s == self.h[0][pick])
-            assert hit.size, "internal error rebuilding a DP group"
-            groups.append(int(supers[hit[0]]))
-            u ^= pick
-            if u:
-                target = self.hval(r - 1, u)
-            r -= 1
-        x = sc[groups].max(axis=0)
-        t = 0.0
-        for a in range(k):
-            t += float(x[a])
-        return t
-
-    # -- search --
-    def run(self) -> tuple[float, list[int], int]:
-        k = self.k
-        v = self.hval(self.maxr, self.full)
-        sum_best = 0.0
-        for a in range(k):
-            sum_best += float(self.best[a])
-        big_a, mabs_sum = 0.0, 0.0
-        for a in range(k):
-            ba = float(self.best[a])
-            big_a += max(abs(ba), abs(v - (sum_best - ba)))
-            mabs_sum += float(self.mabs[a])
-        gamma = 8.0 * float(k + self.maxr + 2) * _UNIT
-        tau = gamma * big_a
-        self.base_tol = gamma * (big_a + mabs_sum)
-        self.gamma, self.big_a = gamma, big_a
-        self.theta = min(v - tau, self._dp_collection_total())
-        self.nodes = 0
-        self.found: tuple[float, list[int]] | None = None
-        for m in range(1, self.maxr + 1):
-            if self.hval(m, self.full) < self.theta - self.base_tol:
-                continue
-            if self._dfs([], 0, np.full(k, -np.inf), self.full, m):
-                break
-        assert self.found is not None, "internal error: no collection reached the DP optimum"
-        total, groups = self.found
-        return total / k, groups, self.nodes
-
-    def _dfs(self, chosen: list[int], last: int, cur: np.ndarray, u: int, r: int) -> bool:
-        k, sc = self.k, self.sc
-        if r == 1:
-            supers = u | _submasks(self.full ^ u)
-            supers = supers[supers > last]
-            served = np.maximum(cur, sc[supers])
-            tot = np.zeros(supers.shape[0])
-            for a in range(k):
-                tot = tot + served[:, a]
-            hit = np.flatnonzero(tot >= self.theta)
-            if hit.size:
-                i = int(hit[0])
-                self.nodes += i + 1
-                self.found = (float(tot[i]), chosen + [int(supers[i])])
-                return True
-            self.nodes += supers.shape[0]
-            return False
-        stop = self.n - r
-        if last + 1 > stop:
-            return False
-        cand = np.arange(last + 1, stop + 1, dtype=np.int64)
-        nxt = np.maximum(cur, sc[cand])
-        u2 = u & ~cand
-        status = self._root_checks(nxt, u2, r - 1)  # 1: survives, 0: pruned, -1: needs the E-search
-        for i in range(cand.shape[0]):
-            self.nodes += 1
-            st = status[i]
-            if st == 0 or (st < 0 and not self._may_reach(nxt[i], int(u2[i]), r - 1)):
-                continue
-            s = int(cand[i])
-            if self._dfs(chosen + [s], s, nxt[i], int(u2[i]), r - 1):
-                return True
-        return False
-
-    def _root_checks(self, nxt: np.ndarray, u2: np.ndarray, r: int) -> np.ndarray:
-        """The first step of `_may_reach` (E = {}) for many children at once, same float ops."""
-        k, best = self.k, self.best
-        covered = ((u2[:, None] >> np.arange(k)) & 1) == 0
-        with np.errstate(invalid="ignore"):
-            in_i = covered & (best > nxt)
-        settled = covered & ~in_i
-        rows = nxt.shape[0]
-        acc, accabs, mabsx = np.zeros(rows), np.zeros(rows), np.zeros(rows)
-        for a in range(k):
-            mabsx = np.where(covered[:, a], mabsx, mabsx + float(self.mabs[a]))
-            acc = np.where(settled[:, a], acc + nxt[:, a], acc)
-            accabs = np.where(settled[:, a], accabs + np.abs(nxt[:, a]), accabs)
-        with np.errstate(invalid="ignore"):
-            key = np.where(in_i, best - nxt, -np.inf)
-        order = np.argsort(-key, axis=1, kind="stable")  # largest deficit first, ties by task index
-        sufs = []
-        for vals in (np.where(in_i, best, 0.0), np.where(in_i, nxt, 0.0), np.where(in_i, np.abs(best), 0.0)):
-            vals = np.take_along_axis(vals, order, axis=1)
-            suf = np.zeros(rows)
-            for j in range(k - 1, -1, -1):  # right to left, as the C++ suffix sums
-                suf = vals[:, j] + suf
-            sufs.append(suf)
-        sufbest, sufcur, sufbabs = sufs
-        s = acc + self.h[r - 1][u2]  # r < maxr here; h tables hold 0 at the empty set
-        target = self.theta - self.gamma * (self.big_a + (mabsx + (accabs + sufbabs)))
-        status = np.full(rows, -1, dtype=np.int64)
-        status[s + sufbest < target] = 0
-        status[s + sufcur >= target] = 1
-        return status
-
-    def _may_reach(self, c: np.ndarray, u: int, r: int) -> bool:
-        acc = accabs = mabsx = 0.0
-        defs: list[float] = []
-        ords: list[int] = []
-        for a in range(self.k):
-            if (u >> a) & 1:
-                mabsx += float(self.mabs[a])
-                continue
-            ca, ba = float(c[a]), float(self.best[a])
-            if ba > ca:
-                defs.append(ba - ca)
-                ords.append(a)
-            else:
-                acc += ca
-                accabs += abs(ca)
-        order = sorted(range(len(defs)), key=lambda i: -defs[i])  # stable: ties keep task order
-        ords = [ords[i] for i in order]
-        n = len(ords)
-        sufbest, sufcur, sufbabs = [0.0] * (n + 1), [0.0] * (n + 1), [0.0] * (n + 1)
-        for i in range(n - 1, -1, -1):
-            a = ords[i]
-            sufbest[i] = float(self.best[a]) + sufbest[i + 1]
-            sufcur[i] = float(c[a]) + sufcur[i + 1]
-            sufbabs[i] = abs(float(self.best[a])) + sufbabs[i + 1]
-        theta, gamma, big_a = self.theta, self.gamma, self.big_a
-
-        def esearch(i: int, x: int, acc: float, accabs: float, mabsx: float) -> bool:
-            s = acc + self.hval(r, x)
-            target = theta - gamma * (big_a + (mabsx + (accabs + sufbabs[i])))
-            if s + sufcur[i] >= target:
-                return True
-            if s + sufbest[i] < target:
-                return False
-            if i == n:
-                return False
-            a = ords[i]
-            if esearch(i + 1, x | (1 << a), acc, accabs, mabsx + float(self.mabs[a])):
-                return True
-            ca = float(c[a])
-            return esearch(i + 1, x, acc + ca, accabs + abs(ca), mabsx)
-
-        return esearch(0, u, acc, accabs, mabsx)
+    Raises:
+        TypeError: budget, n_resamples or seed not an int.
+        ValueError: steps not (n, K, K) or not finite, fewer than 2 steps (naming the count), or
+            the arguments `select_groups` refuses.
+        RuntimeError: without the compiled extension (as `select_groups`).
+    """
+    data = _as_steps(steps)
+    budget = _check_budget(budget)
+    method = _check_method(method)
+    n_resamples = _check_count("n_resamples", n_resamples, minimum=1)
+    seed = _check_count("seed", seed, minimum=0)
+    n, k = data.shape[0], data.shape[1]
+    names = _check_names(names, k)
+    _check_exact_size(k)
+    minimize = method == "hoa"
+    chosen = select_groups(data.mean(axis=0), budget, method, names)
+    partners_of = [frozenset(chosen.serving_group(t)) for t in range(k)]
+    rng = np.random.default_rng(seed)
+    counts: dict[tuple[tuple[int, ...], ...], int] = {}
+    same_partners = np.zeros(k, dtype=np.int64)
+    for _ in range(n_resamples):
+        mean = data[rng.integers(0, n, size=n)].mean(axis=0)
+        groups = _masks_to_groups(_exact_search(mean, budget, minimize)[0], k)
+        key = tuple(tuple(g) for g in groups)
+        counts[key] = counts.get(key, 0) + 1
+        serving = _serve(mean, groups, minimize)[0]
+        same_partners += [frozenset(groups[serving[t]]) == partners_of[t] for t in range(k)]
+    ranked = sorted(counts.items(), key=lambda item: -item[1])  # stable: equal counts keep their first draw
+    chosen_key = tuple(tuple(g) for g in chosen.groups)
+    return BootstrapResult(
+        chosen=chosen, selected=counts.get(chosen_key, 0) / n_resamples,
+        partners=[float(c) / n_resamples for c in same_partners],
+        groupings=[([list(g) for g in key], count) for key, count in ranked],
+        n_resamples=n_resamples, n_steps=n, seed=seed,
+    )
 
 
-def _search_python(m: np.ndarray, budget: int, minimize: bool) -> tuple[float, list[int], int]:
-    """(value in the rule's sign, increasing bitmasks, nodes): the pure-Python exact search."""
-    value, groups, nodes = _PySearch(m, budget, minimize).run()
-    return (-value if minimize else value), sorted(groups), nodes
+def _as_steps(steps: Any) -> np.ndarray:
+    """(n, K, K) float64 contiguous array of finite per-step matrices, n >= 2, or ValueError."""
+    if isinstance(steps, torch.Tensor):
+        arr = steps.detach().to("cpu", torch.float64).numpy()
+    else:
+        arr = np.asarray(steps, dtype=np.float64)
+    if arr.ndim != 3 or arr.shape[1] != arr.shape[2] or arr.shape[1] == 0:
+        raise ValueError(f"steps must be an (n, K, K) stack of per-step matrices, got shape {tuple(arr.shape)}")
+    if arr.shape[0] < 2:
+        raise ValueError(f"the bootstrap needs at least 2 tracked steps, got {arr.shape[0]}")
+    _check_values(arr, "steps")
+    return np.ascontiguousarray(arr)
 
 
 # ---- greedy (exact=False) -------------------------------------------------------------------------------

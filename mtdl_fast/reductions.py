@@ -4,12 +4,16 @@
   the lookahead losses ``LA`` (K, K), ``LA[i, j]`` = task j's loss after a lookahead step along task
   i's gradient, it forms ``Z[i, j] = 1 - LA[i, j] / L[j]`` in float64 and folds it into a running
   float64 state (a running sum, or an exponential moving average).
+- `affinity_moments`: the same step Z folded into per-entry running moments (count, mean and the
+  weighted sum of squared deviations, with the weights' sums): Welford's update, or West's weighted
+  form with exponential decay, from which the tracker reads the mean and its standard error.
 - `gram`: ``G = grads @ grads.T`` in float64 for per-task gradients (K, P), the reduction behind
   first-order affinity estimates.
 
-Each dispatches to `mtdl_fast._C` when it is built for the tensors' device and otherwise to
-`_affinity_update_torch` / `_gram_torch`, which define the meaning. ``backend="torch"`` forces the
-twin and ``backend="extension"`` requires the compiled path (tests use both).
+Each dispatches to `mtdl_fast._C` when it is built for the tensors' device and otherwise to its
+PyTorch twin (`_affinity_update_torch`, `_affinity_moments_torch`, `_gram_torch`), which defines
+the meaning. ``backend="torch"`` forces the twin and ``backend="extension"`` requires the compiled
+path (tests use both).
 
 Nothing here synchronises with the GPU: the skipped count comes back as a 0-dim device tensor.
 """
@@ -88,7 +92,8 @@ def _check_decay(decay: object) -> float | None:
     return d
 
 
-def _check_affinity_args(base, lookahead, total, count, decay) -> float | None:
+def _check_losses(base, lookahead) -> int:
+    """Checks base (K,) and lookahead (K, K); returns K."""
     _check_tensor("base", base)
     _check_tensor("lookahead", lookahead)
     if base.dim() != 1:
@@ -102,8 +107,28 @@ def _check_affinity_args(base, lookahead, total, count, decay) -> float | None:
         raise ValueError(f"lookahead must have shape ({k}, {k}) for K={k} base losses, got {tuple(lookahead.shape)}")
     if lookahead.device != base.device:
         raise ValueError(f"lookahead must be on {base.device} (the device of base), got {lookahead.device}")
+    return k
+
+
+def _check_affinity_args(base, lookahead, total, count, decay) -> float | None:
+    k = _check_losses(base, lookahead)
     _check_state("total", total, torch.float64, k, base.device)
     _check_state("count", count, torch.int64, k, base.device)
+    return _check_decay(decay)
+
+
+def _check_moments_args(base, lookahead, count, moments, decay) -> float | None:
+    k = _check_losses(base, lookahead)
+    _check_state("count", count, torch.int64, k, base.device)
+    _check_tensor("moments", moments)
+    if tuple(moments.shape) != (4, k, k):
+        raise ValueError(f"moments must have shape (4, {k}, {k}), got {tuple(moments.shape)}")
+    if moments.dtype != torch.float64:
+        raise ValueError(f"moments must have dtype torch.float64, got {moments.dtype}")
+    if moments.device != base.device:
+        raise ValueError(f"moments must be on {base.device} (the device of base), got {moments.device}")
+    if not moments.is_contiguous():
+        raise ValueError(f"moments must be contiguous (it is updated in place), got strides {moments.stride()}")
     return _check_decay(decay)
 
 
@@ -170,11 +195,7 @@ def _affinity_update_torch(
     decay: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The meaning of `affinity_update` in plain PyTorch (arguments already checked)."""
-    b = base.detach().to(torch.float64)[None, :]
-    la = lookahead.detach().to(torch.float64)
-    z = 1.0 - la / b
-    valid = torch.isfinite(b) & (b > 0) & torch.isfinite(la) & torch.isfinite(z)
-    z = torch.where(valid, z, torch.full_like(z, float("nan")))
+    z, valid = _step_z(base, lookahead)
     if decay is None:
         updated = total + z
     else:
@@ -184,6 +205,89 @@ def _affinity_update_torch(
     count.add_(valid.to(torch.int64))
     skipped = (~valid).sum()
     return z, skipped
+
+
+def _step_z(base: torch.Tensor, lookahead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's Z (K, K) float64, NaN where invalid, and the validity mask."""
+    b = base.detach().to(torch.float64)[None, :]
+    la = lookahead.detach().to(torch.float64)
+    z = 1.0 - la / b
+    valid = torch.isfinite(b) & (b > 0) & torch.isfinite(la) & torch.isfinite(z)
+    return torch.where(valid, z, torch.full_like(z, float("nan"))), valid
+
+
+def affinity_moments(
+    base: torch.Tensor,
+    lookahead: torch.Tensor,
+    count: torch.Tensor,
+    moments: torch.Tensor,
+    decay: float | None = None,
+    *,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one step's TAG affinity into running per-entry moments, in place.
+
+    Args:
+        base, lookahead: as for `affinity_update` (Z and its validity are the same).
+        count: (K, K) int64, updated in place: the number n of valid observations of each entry.
+        moments: (4, K, K) float64, contiguous, updated in place: ``[mean, m2, weight, weight_sq]``
+            of each entry's valid observations z_1 .. z_n with weights ``w_t = keep^(n - t)``
+            (``keep = decay``, or 1 without decay): the weighted mean, the weighted sum of squared
+            deviations ``sum_t w_t (z_t - mean)^2``, ``sum_t w_t`` and ``sum_t w_t^2``. All zero
+            before the first observation.
+        decay: None (every observation weighs 1: Welford's running mean and variance) or the share
+            d in (0, 1) an observation's weight keeps per later observation.
+        backend: "auto", "extension" or "torch", as for `affinity_update`.
+
+    Returns:
+        ``(z, skipped)`` as for `affinity_update`.
+
+    The update of a valid observation z, in this order of float64 operations (West, 1979, with the
+    past weights scaled by keep): ``weight' = weight * keep + 1``, ``weight_sq' = weight_sq *
+    (keep * keep) + 1``, ``delta = z - mean``, ``mean' = mean + delta / weight'``, ``m2' = m2 * keep
+    + delta * (z - mean')``. The compiled and PyTorch paths perform exactly these operations, so
+    they agree to the last bit. From the state: effective number of observations ``n_eff =
+    weight^2 / weight_sq`` (n without decay), unbiased variance ``m2 / (weight - weight_sq /
+    weight)`` (``m2 / (n - 1)`` without decay), standard error of the mean ``sqrt(variance / n_eff)``.
+
+    Raises:
+        TypeError: an argument that is not a tensor, or a decay that is not a number.
+        ValueError: a shape, dtype, device or layout mismatch (naming the argument and the value),
+            or `decay` outside (0, 1).
+    """
+    d = _check_moments_args(base, lookahead, count, moments, decay)
+    mod = _pick(backend, base.device)
+    base, lookahead = base.detach(), lookahead.detach()
+    if mod is None:
+        return _affinity_moments_torch(base, lookahead, count, moments, d)
+    k = base.shape[0]
+    z = torch.empty((k, k), dtype=torch.float64, device=base.device)
+    skipped = mod.affinity_moments(base, lookahead, count, moments, d, z)
+    return z, skipped
+
+
+@torch.no_grad()
+def _affinity_moments_torch(
+    base: torch.Tensor,
+    lookahead: torch.Tensor,
+    count: torch.Tensor,
+    moments: torch.Tensor,
+    decay: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The meaning of `affinity_moments` in plain PyTorch (arguments already checked)."""
+    z, valid = _step_z(base, lookahead)
+    keep = 1.0 if decay is None else decay
+    mean, m2, weight, weight_sq = moments.unbind(0)
+    # The C++ and CUDA code's float64 operations, one per torch op, in the same order.
+    new_weight = weight * keep + 1.0
+    new_weight_sq = weight_sq * (keep * keep) + 1.0
+    delta = z - mean
+    new_mean = mean + delta / new_weight
+    new_m2 = m2 * keep + delta * (z - new_mean)
+    updated = torch.stack([new_mean, new_m2, new_weight, new_weight_sq])
+    moments.copy_(torch.where(valid, updated, moments))
+    count.add_(valid.to(torch.int64))
+    return z, (~valid).sum()
 
 
 # ---- Gram -----------------------------------------------------------------------------------------

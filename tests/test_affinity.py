@@ -2,6 +2,7 @@
 optimizer step, and the tracker's bookkeeping, side effects and errors."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -268,10 +269,9 @@ def test_running_mean_ema_and_every():
         ema.step(v, y)
     assert tracker.steps == 2
     assert torch.allclose(tracker.affinity, torch.stack(zs).mean(0), atol=1e-12)
-    expected = None
-    for step in range(4):
-        z = naive_affinity(trunk, heads, views + 0.1 * step, y, lr=0.1)[0]
-        expected = z if expected is None else 0.9 * expected + 0.1 * z
+    naive = torch.stack([naive_affinity(trunk, heads, views + 0.1 * step, y, lr=0.1)[0] for step in range(4)])
+    weights = 0.9 ** torch.arange(3, -1, -1, dtype=torch.float64)  # step t of n weighs d^(n - t)
+    expected = (weights[:, None, None] * naive).sum(0) / weights.sum()
     assert torch.allclose(ema.affinity, expected, atol=1e-9)
 
 
@@ -385,3 +385,370 @@ def test_heads_with_batch_norm_in_train_and_eval_mode():
         got = AffinityTracker(trunk, heads, lr=0.2).step(views, y)
         assert torch.allclose(got, want, atol=1e-6, rtol=0)
         assert all(torch.equal(a, b) for a, b in zip(before, snapshot(trunk, heads)))
+
+
+# ---- statistics: mean, standard error, counts and history against NumPy -------------------------------
+
+
+def numpy_statistics(zs: np.ndarray, decay) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, stderr, n_eff) per entry of recorded per-step Z (n, K, K), all finite: weights
+    keep^(n - t), reliability-weighted unbiased variance, stderr = sqrt(var / n_eff)."""
+    n = zs.shape[0]
+    w = (1.0 if decay is None else decay) ** np.arange(n - 1, -1, -1, dtype=np.float64)
+    mean = np.average(zs, axis=0, weights=w)
+    var = (w[:, None, None] * (zs - mean) ** 2).sum(0) / (w.sum() - (w**2).sum() / w.sum())
+    n_eff = w.sum() ** 2 / (w**2).sum()
+    return mean, np.sqrt(var / n_eff), np.full(mean.shape, n_eff)
+
+
+@pytest.mark.parametrize("decay", [None, 0.8])
+def test_statistics_equal_numpy_on_recorded_steps(decay):
+    trunk, heads, views = mlp_model()
+    y = labels(False)
+    tracker = AffinityTracker(trunk, heads, lr=0.3, decay=decay)
+    zs = [tracker.step(views + 0.2 * torch.randn_like(views), y).numpy() for _ in range(6)]
+    stack = np.stack(zs)
+    mean, stderr, n_eff = numpy_statistics(stack, decay)
+    np.testing.assert_allclose(tracker.affinity.numpy(), mean, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(tracker.affinity_stderr.numpy(), stderr, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(tracker.affinity_n_eff.numpy(), n_eff, rtol=1e-13)
+    assert (tracker.affinity_count == 6).all() and tracker.steps == 6
+    assert torch.equal(tracker.history, torch.from_numpy(stack))
+    assert (stderr > 1e-4).all()  # the steps differ: the test compares something that moves
+    if decay is None:
+        np.testing.assert_allclose(tracker.affinity_stderr.numpy(), stack.std(0, ddof=1) / np.sqrt(6), rtol=1e-9)
+
+
+def test_stderr_needs_two_steps_and_history_is_bounded():
+    trunk, heads, views = mlp_model()
+    y = labels(False)
+    tracker = AffinityTracker(trunk, heads, lr=0.3, history_size=3)
+    with pytest.raises(ValueError, match="at least 2 tracked steps, got 0"):
+        _ = tracker.affinity_stderr
+    assert tracker.history.shape == (0, K, K)
+    zs = [tracker.step(views * (1 + 0.1 * t), y) for t in range(5)]
+    assert torch.equal(tracker.history, torch.stack(zs[2:]))  # the most recent history_size steps
+    assert tracker.steps == 5 and torch.allclose(tracker.affinity, torch.stack(zs).mean(0), atol=1e-15)
+
+
+def test_stderr_with_one_step_is_a_clear_error():
+    trunk, heads, views = mlp_model()
+    tracker = AffinityTracker(trunk, heads, lr=0.3)
+    tracker.step(views, labels(False))
+    with pytest.raises(ValueError, match="affinity_stderr needs at least 2 tracked steps, got 1"):
+        _ = tracker.affinity_stderr
+
+
+def test_skipped_steps_leave_statistics_and_history_alone():
+    trunk, heads, views = mlp_model()
+    y = labels(False)
+    tracker = AffinityTracker(trunk, heads, lr=0.1)
+    good = [tracker.step(views, y), tracker.step(views * 0.5, y)]
+    before = (tracker.affinity.clone(), tracker.affinity_stderr.clone(), tracker.affinity_count.clone())
+    bad = views.clone()
+    bad[0, 1, 0] = float("inf")
+    assert torch.isnan(tracker.step(bad, y)).all()
+    assert tracker.skipped_steps == 1 and tracker.steps == 2
+    after = (tracker.affinity, tracker.affinity_stderr, tracker.affinity_count)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert torch.equal(tracker.history, torch.stack(good))
+
+
+# ---- state: checkpoints ------------------------------------------------------------------------------
+
+
+def dropout_model(seed: int = 0):
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 8),
+                          nn.ReLU(), nn.Dropout(0.2)).double()
+    heads = nn.ModuleList([nn.Sequential(nn.Dropout(0.1), nn.Linear(8, CLASSES)) for _ in range(K)]).double()
+    views = torch.randn(K, B, 3, 2, 2, dtype=torch.float64)
+    return trunk, heads, views
+
+
+def test_state_dict_resumes_bit_identically_with_dropout():
+    trunk, heads, views = dropout_model()
+    y = labels(False)
+    tracker = AffinityTracker(trunk, heads, lr=0.1, decay=0.7, seed=5)
+    for t in range(3):
+        tracker.step(views * (1 + 0.1 * t), y)
+    state = tracker.state_dict()
+    assert state["history"].shape == (3, K, K) and state["moments"].shape == (4, K, K)
+    restored = AffinityTracker(trunk, heads, lr=0.1, decay=0.7, seed=99)  # the saved generator wins
+    restored.load_state_dict(state)
+    for _ in range(2):
+        assert torch.equal(tracker.step(views, y), restored.step(views, y))
+    for name in ("affinity", "affinity_stderr", "affinity_count", "affinity_n_eff", "history"):
+        assert torch.equal(getattr(tracker, name), getattr(restored, name)), name
+
+
+def test_old_state_dict_is_refused_clearly():
+    trunk, heads, views = mlp_model()
+    tracker = AffinityTracker(trunk, heads, lr=0.1)
+    old = {"num_tasks": K, "decay": None, "total": torch.zeros(K, K, dtype=torch.float64),
+           "count": torch.zeros(K, K, dtype=torch.int64), "skipped": torch.zeros((), dtype=torch.int64),
+           "attempted": 0, "calls": 0}
+    with pytest.raises(ValueError, match="version 1.*running sums only.*start the affinity afresh"):
+        tracker.load_state_dict(old)
+    with pytest.raises(ValueError, match="baseline='tag'"):
+        AffinityTracker(trunk, heads, lr=0.1, baseline="shared_step").load_state_dict(tracker.state_dict())
+
+
+# ---- the momentum term: baseline="shared_step" --------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sgd_momentum", "sgd_nesterov_wd", "adam"])
+@pytest.mark.parametrize("model", [mlp_model, conv_bn_model])
+def test_shared_step_baseline_equals_naive(kind, model):
+    trunk, heads, views = model()
+    y = labels(True)
+    opt = make_optimizer(kind, list(trunk.parameters()) + list(heads.parameters()))
+    warm_up(opt, trunk, heads, views, y[0])
+    want, base, _ = naive_affinity(trunk, heads, views, y, optimizer=opt, baseline="shared_step")
+    tag, tag_base, _ = naive_affinity(trunk, heads, views, y, optimizer=opt)
+    for chunk_size in ("auto", None, 2):
+        got = AffinityTracker(trunk, heads, optimizer=opt, baseline="shared_step", chunk_size=chunk_size).step(views, y)
+        assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    assert not torch.allclose(base, tag_base, rtol=1e-3)  # the shared step moves the denominator
+    assert (want - tag).abs().max() > 1e-3
+
+
+def test_shared_step_is_tag_for_plain_sgd():
+    trunk, heads, views = conv_bn_model()
+    y = labels(False)
+    tag = AffinityTracker(trunk, heads, lr=0.2).step(views, y)
+    shared = AffinityTracker(trunk, heads, lr=0.2, baseline="shared_step").step(views, y)
+    assert torch.allclose(tag, shared, atol=1e-12, rtol=0)
+    opt = torch.optim.SGD(list(trunk.parameters()), lr=0.2)  # no momentum, no weight decay: u(0) = 0
+    shared_opt = AffinityTracker(trunk, heads, optimizer=opt, baseline="shared_step").step(views, y)
+    assert torch.allclose(tag, shared_opt, atol=1e-12, rtol=0)
+    naive_tag = naive_affinity(trunk, heads, views, y, lr=0.2)
+    naive_shared = naive_affinity(trunk, heads, views, y, lr=0.2, baseline="shared_step")
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(naive_tag, naive_shared))
+
+
+def test_shared_step_on_the_fused_cross_entropy_path():
+    trunk, heads, views = conv_bn_model()
+    trunk, heads, views = trunk.float(), heads.float(), views.float()
+    y = labels(True)
+    opt = make_optimizer("sgd_momentum", list(trunk.parameters()) + list(heads.parameters()))
+    warm_up(opt, trunk, heads, views, y[0])
+    generic = AffinityTracker(trunk, heads, optimizer=opt, baseline="shared_step", fused_ce=False).step(views, y)
+    fused = AffinityTracker(trunk, heads, optimizer=opt, baseline="shared_step", fused_ce=True).step(views, y)
+    assert torch.allclose(generic, fused, atol=1e-5, rtol=0)
+
+
+def test_baseline_bad_input():
+    trunk, heads, _ = mlp_model()
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        AffinityTracker(trunk, heads, lr=0.1, baseline="momentum")
+    with pytest.raises(ValueError, match="needs mode='exact'"):
+        AffinityTracker(trunk, heads, lr=0.1, baseline="shared_step", mode="first_order")
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        naive_affinity(trunk, heads, torch.zeros(K, B, 3, 2, 2), labels(False), lr=0.1, baseline="x")
+    with pytest.raises(TypeError, match="seed must be an int"):
+        AffinityTracker(trunk, heads, lr=0.1, seed=1.5)
+    with pytest.raises(ValueError, match="history_size must be >= 1"):
+        AffinityTracker(trunk, heads, lr=0.1, history_size=0)
+
+
+# ---- randomness: the tracker's own generator, the same masks for base and lookahead -------------------
+
+
+@pytest.mark.parametrize("chunk_size", ["auto", None])
+def test_dropout_the_global_rng_does_not_move_and_equals_naive_with_the_step_seed(chunk_size):
+    trunk, heads, views = dropout_model()
+    y = labels(False)
+    tracker = AffinityTracker(trunk, heads, lr=0.2, seed=3, chunk_size=chunk_size)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    z = tracker.step(views, y)
+    assert torch.equal(torch.get_rng_state(), before)
+    want, _, _ = naive_affinity(trunk, heads, views, y, lr=0.2, seed=tracker._step_seed)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.allclose(z, want, atol=1e-10, rtol=0)
+
+
+def test_dropout_masks_are_shared_so_a_tiny_step_gives_a_tiny_z():
+    """With the same masks in base and lookahead evaluations Z -> 0 with the step; drawing fresh
+    masks (the global stream, seed=None) leaves mask noise of the size of Z itself."""
+    trunk, heads, views = dropout_model()
+    y = labels(False)
+    z = AffinityTracker(trunk, heads, lr=1e-9).step(views, y)
+    assert z.abs().max() < 1e-7
+    noisy, _, _ = naive_affinity(trunk, heads, views, y, lr=1e-9)
+    assert noisy.abs().max() > 1e-3
+
+
+def test_same_seed_bit_identical_and_other_seed_differs():
+    trunk, heads, views = dropout_model()
+    y = labels(True)
+    runs = []
+    for seed in (7, 7, 8):
+        tracker = AffinityTracker(trunk, heads, lr=0.2, seed=seed)
+        zs = [tracker.step(views * (1 + 0.1 * t), y) for t in range(3)]
+        runs.append((torch.stack(zs), tracker.affinity_stderr))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[2][0])
+
+
+def test_determinism_affinity_and_groups():
+    """Same seed, threads and device: bit-identical statistics and the same groups (and bootstrap)."""
+    from mtdl_fast.grouping import bootstrap_groups, select_groups
+
+    def run():
+        trunk, heads, views = dropout_model(seed=11)
+        y = labels(False, seed=12)
+        opt = make_optimizer("sgd_momentum", list(trunk.parameters()) + list(heads.parameters()))
+        tracker = AffinityTracker(trunk, heads, optimizer=opt, baseline="shared_step", seed=2)
+        for t in range(4):
+            tracker.step(views * (1 + 0.05 * t), y)
+        return (tracker.affinity, tracker.affinity_stderr, select_groups(tracker.affinity, 2),
+                bootstrap_groups(tracker.history, 2, n_resamples=20))
+
+    a, b = run(), run()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[2] == b[2] and a[3] == b[3]
+
+
+# ---- task-aware trunks --------------------------------------------------------------------------------
+
+
+class AlignedTrunk(nn.Module):
+    """A per-task alignment matrix applied to the flattened input, then a shared MLP."""
+
+    task_aware = True
+
+    def __init__(self):
+        super().__init__()
+        self.align = nn.Parameter(torch.eye(12).repeat(K, 1, 1) + 0.2 * torch.randn(K, 12, 12))
+        self.body = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 8), nn.ReLU())
+
+    def task_parameter_names(self) -> list[str]:
+        return ["align"]
+
+    def forward(self, x: torch.Tensor, task) -> torch.Tensor:
+        # index_select, not align[task]: a vmapped 0-dim task tensor cannot become a Python index
+        align = self.align[task] if isinstance(task, int) else self.align.index_select(0, task.reshape(1))[0]
+        return self.body(x.flatten(1) @ align.T)
+
+
+def aligned_model(seed: int = 0):
+    torch.manual_seed(seed)
+    trunk = AlignedTrunk().double()
+    heads = nn.ModuleList([nn.Linear(8, CLASSES) for _ in range(K)]).double()
+    return trunk, heads, torch.randn(K, B, 3, 2, 2, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("chunk_size", ["auto", None])
+def test_task_aware_trunk_equals_naive_and_holds_per_task_parameters_fixed(chunk_size):
+    trunk, heads, views = aligned_model()
+    y = labels(True)
+    opt = make_optimizer("sgd_momentum", list(trunk.parameters()) + list(heads.parameters()))
+    warm_up_aligned(opt, trunk, heads, views, y)
+    want, _, lookahead = naive_affinity(trunk, heads, views, y, optimizer=opt)
+    tracker = AffinityTracker(trunk, heads, optimizer=opt, chunk_size=chunk_size)
+    tracker.grad_chunk = None if chunk_size == "auto" else K  # vmap over the tasks, as on CUDA
+    got = tracker.step(views, y)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0) and want.abs().max() > 1e-3
+    # the reference: moving the alignment matrices too would give other lookahead losses
+    moved = copy.deepcopy(trunk)
+    moved.task_parameter_names = lambda: []
+    assert not torch.allclose(naive_affinity(moved, heads, views, y, optimizer=opt)[2], lookahead, atol=1e-6)
+
+
+def warm_up_aligned(optimizer, trunk, heads, views, y):
+    for _ in range(2):
+        optimizer.zero_grad()
+        sum(F.cross_entropy(heads[j](trunk(views[j], j)), y[j]) for j in range(K)).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_task_aware_trunk_apply_gradients_equals_backward():
+    trunk, heads, views = aligned_model(1)
+    y = labels(True)
+    weights = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    tracker = AffinityTracker(trunk, heads, lr=0.1)
+    tracker.step(views, y)
+    assert set(tracker.last_task_grads["task"]) == {"align"} and "align" not in tracker.last_task_grads["shared"]
+    tracker.apply_gradients(weights)
+    params = list(trunk.parameters()) + list(heads.parameters())
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    sum(weights[j] * F.cross_entropy(heads[j](trunk(views[j], j)), y[j]) for j in range(K)).backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-10) for a, p in zip(got, params))
+
+
+def test_task_parameter_names_must_exist():
+    trunk, heads, _ = aligned_model()
+    trunk.task_parameter_names = lambda: ["align", "nope"]
+    with pytest.raises(ValueError, match="nope"):
+        AffinityTracker(trunk, heads, lr=0.1)
+
+
+# ---- autocast, optimizers, host synchronisation ---------------------------------------------------------
+
+
+def test_apply_gradients_under_autocast_writes_each_parameters_dtype():
+    trunk, heads, views = conv_bn_model()
+    trunk, heads, views = trunk.float(), heads.float(), views.float()
+    y = labels(True)
+    weights = torch.tensor([0.5, 1.0, 2.0])
+    tracker = AffinityTracker(trunk, heads, lr=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tracker.step(views, y)
+        tracker.apply_gradients(weights)
+    params = list(trunk.parameters()) + list(heads.parameters())
+    got = [p.grad.clone() for p in params]
+    assert all(g.dtype == torch.float32 for g in got)
+    for p in params:
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total = sum(weights[j] * F.cross_entropy(heads[j](trunk(views[j])), y[j]) for j in range(K))
+    total.backward()
+    for a, p in zip(got, params):
+        assert torch.allclose(a, p.grad, rtol=0.05, atol=0.05 * p.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.RMSprop, torch.optim.Adagrad])
+def test_unsupported_optimizer_names_the_ways_out(optimizer):
+    trunk, heads, _ = mlp_model()
+    with pytest.raises(TypeError, match=r"affinity_lr=.*AffinityTracker\(lr=.*affinity_every=None"):
+        AffinityTracker(trunk, heads, optimizer=optimizer(trunk.parameters(), lr=0.1))
+
+
+SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "allclose"}
+
+
+def count_ops(fn) -> dict[str, int]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict[str, int] = {}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return counts
+
+
+@pytest.mark.parametrize("baseline", ["tag", "shared_step"])
+def test_an_exact_step_reads_nothing_back_from_the_device(baseline):
+    """No op that returns device data to the host (a synchronisation on CUDA) in a step, Dropout
+    and momentum included; skipped_steps reads its counter only when asked."""
+    trunk, heads, views = dropout_model()
+    y = labels(False)
+    opt = make_optimizer("sgd_momentum", list(trunk.parameters()) + list(heads.parameters()))
+    warm_up(opt, trunk, heads, views, y)
+    tracker = AffinityTracker(trunk, heads, optimizer=opt, baseline=baseline, chunk_size=None)
+    tracker.step(views, y)  # the first step also sizes the chunks
+    counts = count_ops(lambda: tracker.step(views, y))
+    assert not SYNC_OPS & set(counts), {op: counts[op] for op in SYNC_OPS & set(counts)}
+    assert sum(counts.values()) > 50
+    assert "_local_scalar_dense" in count_ops(lambda: tracker.skipped_steps)

@@ -534,7 +534,7 @@ def training_state(engine: MTDLEngine) -> dict:
         "parameters": {n: p for n, p in [*engine.trunk.named_parameters(), *engine.heads.named_parameters()]},
         "optimizer": engine.optimizer.state_dict()["state"],
         "weighting": engine.weighting.state_dict(),
-        "tracker": None if tracker is None else {"total": tracker._total, "count": tracker._count},
+        "tracker": None if tracker is None else {"count": tracker._count, "moments": tracker._moments},
     })
 
 

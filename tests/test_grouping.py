@@ -1,6 +1,7 @@
-"""mtdl_fast.grouping: the exact branch and bound (compiled and pure-Python) against the exhaustive
-reference on random matrices (TAG and HOA, K <= 7, budgets 1..4), hand-made cases with a known
-answer, ties, edge cases, the greedy mode and bad input."""
+"""mtdl_fast.grouping: the exact branch and bound (compiled) against the exhaustive reference on
+random matrices (TAG and HOA, K <= 7 with budgets 1..4, K up to 10 with budget 2), hand-made cases
+with a known answer, ties, edge cases, the greedy mode, the bootstrap against a plain loop, and bad
+input."""
 from __future__ import annotations
 
 import math
@@ -14,8 +15,6 @@ from hypothesis import strategies as st
 from mtdl_fast import grouping as G
 from mtdl_fast._ext import ext
 
-HAS_EXT = ext() is not None and hasattr(ext(), "select_groups")
-requires_ext = pytest.mark.skipif(not HAS_EXT, reason="mtdl_fast._C is not built (or has no select_groups)")
 NEAR_TIE = 1e-9  # groups are compared when the second-best distinct total is further than this
 
 
@@ -47,24 +46,18 @@ def check_against_reference(m: np.ndarray, budget: int, method: str) -> None:
     stats: dict = {}
     ref_masks, _ = G._exhaustive(m, budget, minimize, stats)
     ref = G._result(m, ref_masks, method, None, 0, True, budget, "exhaustive")
-    py = G.select_groups(m, budget, method, backend="python")
-    assert py.backend == "python"
-    assert abs(py.score - ref.score) <= 1e-12, (py.score, ref.score)
+    res = G.select_groups(torch.from_numpy(m), budget, method)
+    assert res.backend == "extension" and res.exact
+    assert abs(res.score - ref.score) <= 1e-12, (res.score, ref.score)
     # The optimum's value, as the exhaustive search sums it, agrees too.
     assert abs(ref.score - stats["best"] / m.shape[0]) <= 1e-12
     if abs(stats["best"] - stats["second"]) > NEAR_TIE:  # no near-tie: the same collection (exact ties included)
-        assert py.groups == ref.groups, (py.groups, ref.groups)
-        assert masks_of(py.groups) == sorted(ref_masks)
-    if HAS_EXT:
-        value, masks, nodes = ext().select_groups(torch.from_numpy(m), budget, minimize)
-        pv, pm, pn = G._search_python(m, budget, minimize)
-        assert (value, list(masks), nodes) == (pv, pm, pn)  # the twins agree to the bit, nodes included
-        cx = G.select_groups(torch.from_numpy(m), budget, method)
-        assert cx.backend == "extension"
-        assert cx.groups == py.groups and cx.serving == py.serving and cx.score == py.score
+        assert res.groups == ref.groups, (res.groups, ref.groups)
+        assert masks_of(res.groups) == sorted(ref_masks)
+        assert res.serving == ref.serving
 
 
-# ---- random matrices: compiled == Python == exhaustive -------------------------------------------------
+# ---- random matrices: compiled == exhaustive -----------------------------------------------------------
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -86,15 +79,11 @@ def test_k7_budget4_matches_exhaustive(method, kind, seed):
     check_against_reference(make_matrix(kind, 7, method, seed), 4, method)
 
 
-@requires_ext
-@pytest.mark.parametrize("k,budget", [(8, 3), (9, 4), (10, 2), (10, 4)])
+@pytest.mark.parametrize("k,kind", [(8, "normal"), (9, "clusters"), (10, "ties")])
 @pytest.mark.parametrize("method", ["tag", "hoa"])
-def test_compiled_equals_python_beyond_exhaustive(k, budget, method):
-    for seed in range(3):
-        m = make_matrix(["normal", "clusters", "ties"][seed], k, method, 100 + seed)
-        c = ext().select_groups(torch.from_numpy(m), budget, method == "hoa")
-        p = G._search_python(m, budget, method == "hoa")
-        assert (c[0], list(c[1]), c[2]) == p
+def test_larger_k_budget2_matches_exhaustive(k, kind, method):
+    """Up to ~0.5 M collections: the search's pruning at the sizes the tracker measures (K = 10)."""
+    check_against_reference(make_matrix(kind, k, method, 100 + k), 2, method)
 
 
 # ---- hand-made cases -----------------------------------------------------------------------------------
@@ -133,24 +122,22 @@ def test_budget_at_least_k():
     assert res.groups == ref.groups and res.score == ref.score
 
 
-@pytest.mark.parametrize("backend", ["auto", "python"])
-def test_single_task(backend):
-    tag = G.select_groups(np.array([[0.3]]), 3, "tag", backend=backend)
+def test_single_task():
+    tag = G.select_groups(np.array([[0.3]]), 3, "tag")
     assert tag.groups == [[0]] and tag.serving == [0] and tag.score == G.TAG_SINGLETON
-    hoa = G.select_groups(torch.tensor([[0.7]]), 1, "hoa", names=["only"], backend=backend)
+    hoa = G.select_groups(torch.tensor([[0.7]]), 1, "hoa", names=["only"])
     assert hoa.groups == [[0]] and hoa.score == pytest.approx(0.7) and "only" in str(hoa)
 
 
-@pytest.mark.parametrize("backend", ["auto", "python"])
-def test_ties_first_found_wins(backend):
+def test_ties_first_found_wins():
     # All collections covering the tasks without singletons score 0: the full set, found first.
-    res = G.select_groups(np.zeros((5, 5)), 3, backend=backend)
+    res = G.select_groups(np.zeros((5, 5)), 3)
     assert res.groups == [[0, 1, 2, 3, 4]] and res.score == 0.0
-    hoa = G.select_groups(np.ones((4, 4)), 4, "hoa", backend=backend)
+    hoa = G.select_groups(np.ones((4, 4)), 4, "hoa")
     assert hoa.groups == [[0, 1, 2, 3]] and hoa.score == 1.0
     # {0,1}+{2,3} and {0,2}+{1,3} both score 1; masks (3, 12) come before (5, 10).
     z = np.array([[0, 1, 1, -1], [1, 0, -1, 1], [1, -1, 0, 1], [-1, 1, 1, 0]], dtype=float)
-    res = G.select_groups(z, 2, backend=backend)
+    res = G.select_groups(z, 2)
     ref = G.exhaustive_groups(z, 2)
     assert res.groups == ref.groups == [[0, 1], [2, 3]] and res.score == ref.score == 1.0
 
@@ -224,7 +211,6 @@ def test_greedy_large_k():
         (dict(names=["a", "b"]), "names must have one name per task"),
         (dict(names="abc"), "names must be a sequence"),
         (dict(method="svd"), "method must be one of"),
-        (dict(backend="gpu"), "backend must be one of"),
         (dict(affinity=np.zeros((21, 21))), "exact=False"),
     ],
 )
@@ -248,7 +234,6 @@ def test_bad_input_exhaustive():
         G.exhaustive_groups(np.zeros((3, 3)), 1, "nope")
 
 
-@requires_ext
 def test_compiled_rejects_bad_input():
     with pytest.raises(RuntimeError, match="K <= 20"):
         ext().select_groups(torch.zeros(21, 21, dtype=torch.float64), 2, False)
@@ -266,11 +251,96 @@ def test_exhaustive_collection_count():
     assert G.exhaustive_collections(2, 10) == sum(math.comb(3, m) for m in range(1, 4))
 
 
-def test_falls_back_to_python_without_extension(monkeypatch):
+def test_without_the_extension_the_exact_search_says_how_to_build_it(monkeypatch):
     m = make_matrix("clusters", 6, "tag", 21)
-    want = G.select_groups(m, 3, backend="python")
     monkeypatch.setattr(G, "ext", lambda: None)
-    got = G.select_groups(m, 3)
-    assert got.backend == "python" and got.groups == want.groups and got.nodes == want.nodes
-    with pytest.raises(RuntimeError, match="extension"):
-        G.select_groups(m, 3, backend="extension")
+    with pytest.raises(RuntimeError, match=r"mtdl_fast\._C.*pip install --no-build-isolation -e \."):
+        G.select_groups(m, 3)
+    with pytest.raises(RuntimeError, match="mtdl_fast._C"):
+        G.bootstrap_groups(np.stack([m, m]), 3, n_resamples=2)
+    # the greedy search and the exhaustive reference are plain Python
+    assert G.select_groups(m, 3, exact=False).backend == "greedy"
+    assert G.exhaustive_groups(make_matrix("normal", 4, "tag", 1), 2).backend == "exhaustive"
+
+
+# ---- bootstrap ------------------------------------------------------------------------------------------
+
+
+def clustered_steps(n: int, noise: float, seed: int) -> np.ndarray:
+    """n per-step affinity matrices: three clusters of tasks (affinity 0.05 inside, 0 across) plus
+    independent N(0, noise) per entry and step."""
+    lab = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    rng = np.random.default_rng(seed)
+    return 0.05 * (lab[:, None] == lab[None, :]) + noise * rng.normal(size=(n, 10, 10))
+
+
+def bootstrap_by_plain_loop(steps: np.ndarray, budget: int, n_resamples: int, seed: int):
+    """The documented resampling, one select_groups call per resample, counted by hand."""
+    n, k = steps.shape[0], steps.shape[1]
+    chosen = G.select_groups(steps.mean(axis=0), budget)
+    rng = np.random.default_rng(seed)
+    selected, partners, seen = 0, [0] * k, {}
+    for _ in range(n_resamples):
+        res = G.select_groups(steps[rng.integers(0, n, size=n)].mean(axis=0), budget)
+        selected += res.groups == chosen.groups
+        for t in range(k):
+            partners[t] += set(res.serving_group(t)) == set(chosen.serving_group(t))
+        key = str(res.groups)
+        seen[key] = seen.get(key, 0) + 1
+    return chosen, selected, partners, seen
+
+
+@pytest.mark.parametrize("noise,seed", [(0.01, 0), (0.05, 1), (0.2, 2)])
+def test_bootstrap_counts_equal_a_plain_loop(noise, seed):
+    steps = clustered_steps(12, noise, seed)
+    got = G.bootstrap_groups(torch.from_numpy(steps), 3, n_resamples=60, seed=seed)
+    chosen, selected, partners, seen = bootstrap_by_plain_loop(steps, 3, 60, seed)
+    assert got.chosen.groups == chosen.groups and got.chosen.serving == chosen.serving
+    assert got.selected == selected / 60
+    assert got.partners == [p / 60 for p in partners]
+    assert {str(g): c for g, c in got.groupings} == seen
+    assert sum(c for _, c in got.groupings) == 60
+    assert [c for _, c in got.groupings] == sorted((c for _, c in got.groupings), reverse=True)
+    assert (got.n_resamples, got.n_steps, got.seed) == (60, 12, seed)
+
+
+def test_bootstrap_clear_structure_is_stable_and_noise_is_not():
+    clear = G.bootstrap_groups(clustered_steps(20, 0.01, 3), 3, n_resamples=200)
+    assert clear.chosen.groups == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert clear.selected >= 0.99 and min(clear.partners) >= 0.99
+    noise = G.bootstrap_groups(np.random.default_rng(4).normal(0.0, 0.01, (20, 10, 10)), 3, n_resamples=200)
+    assert noise.selected <= 0.2 and np.mean(noise.partners) <= 0.5
+    assert len(noise.groupings) > 20
+    text = str(clear)
+    assert "selected in 100.0%" in text and "same partners" in text
+
+
+def test_bootstrap_is_deterministic_for_a_seed():
+    steps = clustered_steps(10, 0.05, 5)
+    a = G.bootstrap_groups(steps, 3, n_resamples=50, seed=7)
+    b = G.bootstrap_groups(steps, 3, n_resamples=50, seed=7)
+    c = G.bootstrap_groups(steps, 3, n_resamples=50, seed=8)
+    assert a == b
+    assert (a.selected, a.partners, a.groupings) != (c.selected, c.partners, c.groupings)
+
+
+def test_bootstrap_bad_input():
+    steps = clustered_steps(4, 0.01, 6)
+    with pytest.raises(ValueError, match="at least 2 tracked steps, got 1"):
+        G.bootstrap_groups(steps[:1], 2)
+    with pytest.raises(ValueError, match="at least 2 tracked steps, got 0"):
+        G.bootstrap_groups(steps[:0], 2)
+    with pytest.raises(ValueError, match=r"\(n, K, K\)"):
+        G.bootstrap_groups(steps[0], 2)
+    bad = steps.copy()
+    bad[2, 1, 3] = np.nan
+    with pytest.raises(ValueError, match=r"1 non-finite entries.*\[2, 1, 3\]"):
+        G.bootstrap_groups(bad, 2)
+    with pytest.raises(TypeError, match="n_resamples must be an int"):
+        G.bootstrap_groups(steps, 2, n_resamples=10.0)
+    with pytest.raises(ValueError, match="n_resamples must be >= 1"):
+        G.bootstrap_groups(steps, 2, n_resamples=0)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        G.bootstrap_groups(steps, 2, seed=-1)
+    with pytest.raises(TypeError, match="budget must be an int"):
+        G.bootstrap_groups(steps, "2")

@@ -1,7 +1,8 @@
-"""mtdl_fast.reductions: the compiled affinity accumulation and Gram reduction against their
-pure-PyTorch twins and against independent float64 references (a plain-Python loop for the
-affinity step, NumPy and exact `math.fsum` sums for the Gram matrix). CUDA variants compare the
-CUDA path with the CPU path and skip themselves without a GPU."""
+"""mtdl_fast.reductions: the compiled affinity accumulations (running sum / EMA, and running
+moments) and Gram reduction against their pure-PyTorch twins and against independent float64
+references (a plain-Python loop for the affinity step, NumPy's weighted statistics of the recorded
+per-step Z for the moments, NumPy and exact `math.fsum` sums for the Gram matrix). CUDA variants
+compare the CUDA path with the CPU path and skip themselves without a GPU."""
 from __future__ import annotations
 
 import math
@@ -274,6 +275,146 @@ def test_affinity_extension_checks_its_arguments():
         ext().affinity_update(base, look, total, count, None, z[:2])
 
 
+# ---- affinity moments: Welford / West against NumPy on the recorded per-step Z -------------------------
+
+
+def zero_moments(k: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.zeros(k, k, dtype=torch.int64, device=device),
+            torch.zeros(4, k, k, dtype=torch.float64, device=device))
+
+
+def numpy_moments(zs: np.ndarray, decay) -> dict[str, np.ndarray]:
+    """Per entry, from the recorded per-step Z (n, K, K) with NaN where invalid: the weighted
+    statistics of the valid observations, weights keep^(n_e - t) (keep = decay or 1)."""
+    keep = 1.0 if decay is None else decay
+    k = zs.shape[1]
+    out = {name: np.full((k, k), np.nan) for name in ("mean", "m2", "weight", "weight_sq", "var", "n_eff", "stderr")}
+    out["count"] = np.isfinite(zs).sum(0)
+    for i in range(k):
+        for j in range(k):
+            z = zs[:, i, j][np.isfinite(zs[:, i, j])]
+            if z.size == 0:
+                continue
+            w = keep ** np.arange(z.size - 1, -1, -1, dtype=np.float64)
+            mean = np.average(z, weights=w)
+            m2 = float(np.sum(w * (z - mean) ** 2))
+            out["mean"][i, j], out["m2"][i, j] = mean, m2
+            out["weight"][i, j], out["weight_sq"][i, j] = w.sum(), (w**2).sum()
+            out["n_eff"][i, j] = w.sum() ** 2 / (w**2).sum()
+            if z.size >= 2:
+                out["var"][i, j] = m2 / (w.sum() - (w**2).sum() / w.sum())
+                out["stderr"][i, j] = math.sqrt(out["var"][i, j] / out["n_eff"][i, j])
+    return out
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("decay", [None, 0.9, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # float64 specials overflow Z^2
+def test_moments_equal_numpy_on_recorded_steps(dtype, decay, backend):
+    """Mean, m2, the weight sums and the count of each entry equal NumPy's weighted statistics of
+    the Z the same calls returned; NaN (invalid) entries are skipped, counted and change nothing."""
+    k, steps = 7, 9
+    count, moments = zero_moments(k)
+    zs, skipped_total = [], 0
+    for step in range(steps):
+        base, look = make_losses(k, dtype, seed=40 + step, specials=step % 3 == 1)
+        z, skipped = R.affinity_moments(base, look, count, moments, decay, backend=backend)
+        assert z.dtype == torch.float64 and skipped.dim() == 0 and skipped.dtype == torch.int64
+        assert int(skipped) == int(torch.isnan(z).sum())
+        ref_z, _ = loop_step(base, look, np.zeros((k, k)), np.zeros((k, k), dtype=np.int64), None)
+        assert_same(z, ref_z)  # the same Z (and validity) as affinity_update
+        zs.append(z.numpy())
+        skipped_total += int(skipped)
+    stack = np.stack(zs)
+    assert 0 < skipped_total < stack.size and (np.isnan(stack).any(0) & np.isfinite(stack).any(0)).any()
+    ref = numpy_moments(stack, decay)
+    np.testing.assert_array_equal(count.numpy(), ref["count"])
+    seen = ref["count"] > 0
+    got = dict(zip(("mean", "m2", "weight", "weight_sq"), moments.numpy()))
+    for name in ("mean", "weight", "weight_sq"):
+        np.testing.assert_allclose(got[name][seen], ref[name][seen], rtol=1e-13, atol=1e-15, err_msg=name)
+    np.testing.assert_allclose(got["m2"][seen], ref["m2"][seen], rtol=1e-10, atol=1e-15)
+    assert (moments.numpy()[:, ~seen] == 0).all()  # never observed: untouched
+    if decay is None:  # Welford: the weights are the counts exactly
+        np.testing.assert_array_equal(got["weight"], count.numpy())
+        two = ref["count"] >= 2
+        np.testing.assert_allclose(got["m2"][two] / (ref["count"][two] - 1), np.nanvar(stack, 0, ddof=1)[two],
+                                   rtol=1e-10)
+
+
+@requires_ext
+@pytest.mark.parametrize("decay", [None, 0.75])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.float64, torch.float16), (torch.float64, torch.float64)])
+def test_moments_extension_equals_torch(dtypes, decay):
+    """The compiled CPU path and the PyTorch twin agree to the last bit over many steps."""
+    k = 13
+    states = [zero_moments(k), zero_moments(k)]
+    for step in range(12):
+        base, _ = make_losses(k, dtypes[0], seed=500 + step, specials=step % 4 == 0)
+        _, look = make_losses(k, dtypes[1], seed=600 + step, specials=step % 4 == 0)
+        out_ext = R.affinity_moments(base, look, *states[0], decay, backend="extension")
+        out_torch = R.affinity_moments(base, look, *states[1], decay, backend="torch")
+        for a, b in zip(out_ext + states[0], out_torch + states[1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@requires_ext
+def test_moments_extension_writes_every_z():
+    k = 11
+    base, look = make_losses(k, torch.float32, seed=8)
+    count, moments = zero_moments(k)
+    z = torch.full((k, k), POISON, dtype=torch.float64)
+    skipped = ext().affinity_moments(base, look, count, moments, 0.5, z)
+    ref_z, ref_skipped = loop_step(base, look, np.zeros((k, k)), np.zeros((k, k), dtype=np.int64), None)
+    assert not (z == POISON).any()
+    assert_same(z, ref_z)
+    assert int(skipped) == ref_skipped
+
+
+def test_moments_bad_inputs():
+    k = 4
+    base, look = make_losses(k, torch.float32, seed=1, specials=False)
+    count, moments = zero_moments(k)
+    ok = dict(base=base, lookahead=look, count=count, moments=moments)
+    cases = [
+        (dict(base=base[None]), "base must be a 1-D"),
+        (dict(lookahead=look[:3]), r"lookahead must have shape \(4, 4\).*\(3, 4\)"),
+        (dict(moments=moments[:3]), r"moments must have shape \(4, 4, 4\).*\(3, 4, 4\)"),
+        (dict(moments=moments.float()), "moments must have dtype torch.float64.*float32"),
+        (dict(moments=moments.to("meta")), "moments must be on cpu.*meta"),
+        (dict(moments=moments.transpose(1, 2)), "moments must be contiguous"),
+        (dict(count=count.to(torch.int32)), "count must have dtype torch.int64"),
+    ]
+    for override, message in cases:
+        with pytest.raises(ValueError, match=message):
+            R.affinity_moments(**{**ok, **override})
+    for decay in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="decay must"):
+            R.affinity_moments(**ok, decay=decay)
+    with pytest.raises(TypeError, match="decay must"):
+        R.affinity_moments(**ok, decay="0.9")
+    with pytest.raises(TypeError, match="moments must be a torch.Tensor"):
+        R.affinity_moments(**{**ok, "moments": [0.0]})
+    assert (moments == 0).all() and (count == 0).all()  # nothing was modified by the rejected calls
+
+
+@requires_ext
+def test_moments_extension_checks_its_arguments():
+    k = 3
+    base, look = make_losses(k, torch.float32, seed=2, specials=False)
+    count, moments = zero_moments(k)
+    z = torch.empty(k, k, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="decay must be in"):
+        ext().affinity_moments(base, look, count, moments, 1.0, z)
+    with pytest.raises(RuntimeError, match=r"moments must have shape \(4, 3, 3\)"):
+        ext().affinity_moments(base, look, count, moments[:2], None, z)
+    with pytest.raises(RuntimeError, match="moments must be Double"):
+        ext().affinity_moments(base, look, count, moments.float(), None, z)
+    with pytest.raises(RuntimeError, match="count must be Long"):
+        ext().affinity_moments(base, look, count.int(), moments, None, z)
+
+
 # ---- Gram -------------------------------------------------------------------------------------------
 
 
@@ -441,6 +582,41 @@ def test_cuda_affinity_writes_every_z(k):
     assert int(skipped) == ref_skipped
 
 
+@requires_cuda
+@pytest.mark.parametrize("backend", [pytest.param("extension", marks=requires_cuda_ext), "torch"])
+@pytest.mark.parametrize("decay", [None, 0.9])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_moments_equal_cpu(dtype, decay, backend):
+    """The moments on CUDA and on the CPU: the same bits, no host synchronisation inside the call."""
+    k = 13
+    cpu_state, gpu_state = zero_moments(k), zero_moments(k, "cuda")
+    for step in range(5):
+        base, look = make_losses(k, dtype, seed=700 + step, specials=step == 2)
+        cpu = R.affinity_moments(base, look, *cpu_state, decay, backend="extension" if HAS_EXT else "torch")
+        base_d, look_d = base.cuda(), look.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gpu = R.affinity_moments(base_d, look_d, *gpu_state, decay, backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for a, b in zip(gpu + gpu_state, cpu + cpu_state):
+            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0, equal_nan=True)
+
+
+@requires_cuda_ext
+@pytest.mark.parametrize("k", [1, 5, 64, 100])
+def test_cuda_moments_write_every_z(k):
+    base, look = make_losses(k, torch.float32, seed=k, specials=k >= 5)
+    count, moments = zero_moments(k, "cuda")
+    z = torch.full((k, k), POISON, dtype=torch.float64, device="cuda")
+    skipped = ext().affinity_moments(base.cuda(), look.cuda(), count, moments, 0.3, z)
+    ref_z, ref_skipped = loop_step(base, look, np.zeros((k, k)), np.zeros((k, k), dtype=np.int64), None)
+    assert not (z == POISON).any()
+    assert_same(z, ref_z)
+    assert int(skipped) == ref_skipped
+
+
 # K covers every CUDA configuration: one diagonal block of 4, 8 or 12 rows, and 8-row blocks with
 # off-diagonal pairs (13, 33, 64); P covers one partial chunk, a ragged one, and many chunks.
 CUDA_GRAM_K = [1, 3, 4, 5, 8, 9, 10, 12, 13, 33, 64]
@@ -508,3 +684,9 @@ def test_auto_falls_back_without_extension(monkeypatch):
         R.gram(x, backend="extension")
     with pytest.raises(RuntimeError, match="not available"):
         R.affinity_update(base, look, total, count, backend="extension")
+    count, moments = zero_moments(k)
+    z, skipped = R.affinity_moments(base, look, count, moments)
+    assert_same(z, ref_z)
+    assert int(skipped) == ref_skipped
+    with pytest.raises(RuntimeError, match="not available"):
+        R.affinity_moments(base, look, count, moments, backend="extension")
