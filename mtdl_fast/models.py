@@ -8,6 +8,19 @@ take the trunk and the heads separately, so any user trunk works.
 - `MultiTaskModel(trunk, heads)`: the container; `forward(views)` runs each view through the trunk
   in its own call (per-view BatchNorm statistics) and head k on view k.
 
+Trunk hooks (optional; the engine, the affinity tracker, `MultiTaskModel` and `view_features`
+honour them; `mtdl_fast.lookahead.trunk_forward(trunk, x, task)` calls a trunk either way):
+
+- task-aware: ``task_aware = True``, ``forward(x, task)`` with ``task`` an int or a 0-dim int64
+  tensor (it may be vmapped), and ``task_parameter_names()`` naming (as in ``named_parameters``)
+  the parameters that belong to one task (a per-task alignment, per-task copies); the trunk is
+  then called as ``trunk(view_k, k)`` for task k, and the affinity lookahead holds those
+  parameters fixed, like heads.
+- ``forward_views(views (K, B, ...)) -> (K, B, D)``: all K views in one call (a vectorised
+  multi-trunk), used instead of K trunk calls. Task k's features must depend on view k only.
+- ``regularization() -> scalar tensor``: a penalty the engine adds to the training loss (not to
+  the per-task losses, nor to the affinity), e.g. soft parameter sharing's tie between copies.
+
 Task-conditioned heads (one head shared by all tasks) live in `mtdl_fast.research.conditioning`.
 """
 from __future__ import annotations
@@ -16,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from mtdl_fast.lookahead import is_task_aware, trunk_forward
 
 
 class BasicBlock(nn.Module):
@@ -92,6 +107,50 @@ def linear_heads(num_tasks: int, in_features: int, num_classes: int) -> nn.Modul
 
 
 # --------------------------------------------------------------------------------------------------
+# Trunk hooks
+# --------------------------------------------------------------------------------------------------
+
+
+def check_trunk(trunk: nn.Module) -> None:
+    """TypeError when `trunk` declares a hook (see the module docs) without implementing it."""
+    if not isinstance(trunk, nn.Module):
+        raise TypeError(f"trunk must be an nn.Module, got {type(trunk).__name__}")
+    name = type(trunk).__name__
+    if is_task_aware(trunk) and not callable(getattr(trunk, "task_parameter_names", None)):
+        raise TypeError(f"{name} sets task_aware = True but has no task_parameter_names() method")
+    for hook in ("forward_views", "regularization"):
+        if hasattr(trunk, hook) and not callable(getattr(trunk, hook)):
+            raise TypeError(f"{name}.{hook} must be a method, got {type(getattr(trunk, hook)).__name__}")
+
+
+def view_features(trunk: nn.Module, views: torch.Tensor) -> Sequence[torch.Tensor]:
+    """The trunk's features of each task's view: K tensors (B, D...), entry k from view k only.
+
+    One ``trunk.forward_views(views)`` call when the trunk has it (returning (K, B, D...)), else one
+    trunk call per view, trunk(views[k], k) or trunk(views[k]) (per-view BatchNorm statistics).
+    """
+    if not hasattr(trunk, "forward_views"):
+        return [trunk_forward(trunk, view, k) for k, view in enumerate(views.unbind(0))]
+    features = trunk.forward_views(views)
+    if not isinstance(features, torch.Tensor) or features.shape[:2] != views.shape[:2]:
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"{type(trunk).__name__}.forward_views must return (K, B, ...) = "
+                         f"{tuple(views.shape[:2])} + (...), got {shape}")
+    return features
+
+
+def trunk_regularization(trunk: nn.Module) -> torch.Tensor | None:
+    """The trunk's ``regularization()`` penalty (a scalar tensor), or None when it has none."""
+    if not hasattr(trunk, "regularization"):
+        return None
+    penalty = trunk.regularization()
+    if not isinstance(penalty, torch.Tensor) or penalty.numel() != 1:
+        shape = tuple(penalty.shape) if isinstance(penalty, torch.Tensor) else type(penalty).__name__
+        raise ValueError(f"{type(trunk).__name__}.regularization() must return a scalar tensor, got {shape}")
+    return penalty.reshape(())
+
+
+# --------------------------------------------------------------------------------------------------
 # Multi-task containers
 # --------------------------------------------------------------------------------------------------
 
@@ -108,17 +167,17 @@ class MultiTaskModel(nn.Module):
 
     `forward(views)` runs every view through the trunk in its own call, so BatchNorm in train mode
     normalises each view with its own batch statistics (and updates the running statistics once
-    per view), exactly the per-task semantics of DESIGN.md: task k's output depends on view k only.
+    per view): task k's output depends on view k only. A trunk with the hooks of this module's
+    docs is called as trunk(view_k, k) (task-aware) or once on all views (``forward_views``).
 
     Args:
-        trunk: maps a batch (B, ...) to features (B, D).
+        trunk: maps a batch (B, ...) to features (B, D); may implement the trunk hooks.
         heads: K modules; head k maps trunk features of view k to task k's output (B, classes).
     """
 
     def __init__(self, trunk: nn.Module, heads: Sequence[nn.Module]):
         super().__init__()
-        if not isinstance(trunk, nn.Module):
-            raise TypeError(f"trunk must be an nn.Module, got {type(trunk).__name__}")
+        check_trunk(trunk)
         heads = list(heads)
         if not heads or not all(isinstance(h, nn.Module) for h in heads):
             raise ValueError("heads must be a non-empty sequence of nn.Module")
@@ -130,17 +189,20 @@ class MultiTaskModel(nn.Module):
         return len(self.heads)
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        """views (K, B, ...) -> outputs (K, B, classes): head k on trunk(views[k]), one trunk call per view."""
+        """views (K, B, ...) -> outputs (K, B, classes): head k on task k's features of views[k]
+        (`view_features`: one trunk call per view unless the trunk has ``forward_views``)."""
         if not isinstance(views, torch.Tensor) or views.ndim < 2:
             raise ValueError(f"views must be a (K, B, ...) tensor, got {getattr(views, 'shape', type(views).__name__)}")
         if views.shape[0] != self.num_tasks:
             raise ValueError(f"views has K={views.shape[0]} task views but the model has {self.num_tasks} tasks")
-        return torch.stack([head(self.trunk(views[k])) for k, head in enumerate(self.heads)])
+        features = view_features(self.trunk, views)
+        return torch.stack([head(features[k]) for k, head in enumerate(self.heads)])
 
     def task_forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        """x (B, ...) -> task `task`'s output (B, classes): heads[task](trunk(x))."""
+        """x (B, ...) -> task `task`'s output (B, classes): heads[task](trunk(x)), or
+        heads[task](trunk(x, task)) for a task-aware trunk."""
         if not isinstance(x, torch.Tensor) or x.ndim < 1:
             raise ValueError(f"x must be a (B, ...) tensor, got {getattr(x, 'shape', type(x).__name__)}")
         if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
             raise ValueError(f"task must be an int in [0, {self.num_tasks}), got {task!r}")
-        return self.heads[task](self.trunk(x))
+        return self.heads[task](trunk_forward(self.trunk, x, task))

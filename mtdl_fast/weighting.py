@@ -23,6 +23,9 @@ Call one of them once per step; the weights the last call used are kept in ``las
 Non-finite losses: a non-finite loss gives a non-finite total (the engine skips such steps);
 history (DWA) and stored estimates (SVD) are never updated from non-finite values.
 
+Mixed precision: the engine runs its forward passes under autocast but calls the weighting outside
+that region, with losses and features in at least float32.
+
 Devices: weights come back on ``losses.device`` in ``losses.dtype`` promoted to at least float32.
 Nothing here synchronises with the host except where a docstring says so (``SVDReweighting``
 without ``num_classes``). Move the module to the losses' device (``weighting.to(device)``) so
@@ -54,7 +57,8 @@ def _check_count(name: str, value: Any, low: int = 1, high: int | None = None) -
 
 
 def _weight_dtype(losses: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(losses.dtype, torch.float32)
+    """losses.dtype promoted to at least float32 (losses are floating point), on the host alone."""
+    return torch.float64 if losses.dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------

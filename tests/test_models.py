@@ -1,5 +1,6 @@
 """Multi-task models: shapes, per-view BatchNorm semantics, task conditioning, tied heads, the
-AffinityTracker on conditioned models against the plain TAG loop (float64), state_dict, errors."""
+AffinityTracker on conditioned models against the plain TAG loop (float64), state_dict, errors, and
+the trunk hooks (task-aware trunks, forward_views, regularization)."""
 import copy
 import io
 
@@ -10,8 +11,16 @@ from torch import nn
 from torch.func import stack_module_state
 
 from mtdl_fast.affinity import AffinityTracker
-from mtdl_fast.lookahead import naive_affinity
-from mtdl_fast.models import MLPTrunk, MultiTaskModel, SmallResNet, linear_heads
+from mtdl_fast.lookahead import is_task_aware, naive_affinity, trunk_forward
+from mtdl_fast.models import (
+    MLPTrunk,
+    MultiTaskModel,
+    SmallResNet,
+    check_trunk,
+    linear_heads,
+    trunk_regularization,
+    view_features,
+)
 from mtdl_fast.research.conditioning import (
     MODEL_KINDS,
     ConditionedHead,
@@ -331,3 +340,88 @@ def test_bad_inputs():
     hard = make("hard", "mlp")
     with pytest.raises(ValueError, match="task"):
         hard.task_forward(views[0], torch.tensor(0))
+
+
+# ------------------------------------------------------------------------------------------ trunk hooks
+
+
+class RowShiftTrunk(nn.Module):
+    """Task-aware: trunk(x, task) adds the task's row of a per-task table to shared features."""
+
+    task_aware = True
+
+    def __init__(self, in_features=4, out_features=6):
+        super().__init__()
+        self.body = nn.Linear(in_features, out_features)
+        self.shift = nn.Parameter(torch.randn(K, out_features))
+
+    def forward(self, x, task):
+        return self.body(x) + self.shift[task]
+
+    def task_parameter_names(self):
+        return ["shift"]
+
+
+class AllViewsTrunk(nn.Module):
+    """forward_views: all K views in one batched call; forward(x) refuses to run (never needed)."""
+
+    def __init__(self, in_features=4, out_features=6):
+        super().__init__()
+        self.body = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        raise AssertionError("forward_views replaces the per-view calls")
+
+    def forward_views(self, views):
+        return self.body(views)
+
+
+def test_task_aware_trunk_gets_each_views_task():
+    torch.manual_seed(0)
+    model = MultiTaskModel(RowShiftTrunk(), linear_heads(K, 6, CLASSES))
+    views = torch.randn(K, B, 4)
+    want = torch.stack([model.heads[k](model.trunk.body(views[k]) + model.trunk.shift[k]) for k in range(K)])
+    assert torch.equal(model(views), want)
+    for k in range(K):
+        assert torch.equal(model.task_forward(views[k], k), want[k])
+    assert torch.equal(model.trunk(views[1], torch.tensor(1)), model.trunk(views[1], 1))  # 0-dim tensor task
+
+
+def test_forward_views_is_one_call_for_all_views():
+    torch.manual_seed(0)
+    model = MultiTaskModel(AllViewsTrunk(), linear_heads(K, 6, CLASSES))
+    views = torch.randn(K, B, 4)
+    want = torch.stack([model.heads[k](model.trunk.body(views[k])) for k in range(K)])
+    assert torch.allclose(model(views), want, atol=1e-6)
+
+
+def test_trunk_hook_helpers():
+    trunk = RowShiftTrunk()
+    assert is_task_aware(trunk) and not is_task_aware(nn.Linear(4, 6))
+    x = torch.randn(B, 4)
+    assert torch.equal(trunk_forward(trunk, x, 2), trunk(x, 2))
+    assert len(view_features(trunk, torch.randn(K, B, 4))) == K
+    assert trunk_regularization(trunk) is None
+
+    class Penalised(nn.Linear):
+        def regularization(self):
+            return self.weight.square().sum()
+
+    penalised = Penalised(4, 6)
+    assert torch.equal(trunk_regularization(penalised), penalised.weight.square().sum())
+
+
+def test_bad_trunk_hooks_are_refused():
+    class Unnamed(nn.Module):
+        task_aware = True
+
+    with pytest.raises(TypeError, match="Unnamed sets task_aware = True but has no task_parameter_names"):
+        MultiTaskModel(Unnamed(), linear_heads(K, 6, CLASSES))
+    trunk = nn.Linear(4, 6)
+    trunk.forward_views = "all at once"
+    with pytest.raises(TypeError, match="Linear.forward_views must be a method, got str"):
+        check_trunk(trunk)
+    bad = AllViewsTrunk()
+    bad.forward_views = lambda views: views[:2]
+    with pytest.raises(ValueError, match=r"forward_views must return \(K, B, \.\.\.\) = \(3, 4\)"):
+        MultiTaskModel(bad, linear_heads(K, 4, CLASSES))(torch.randn(K, B, 4))
