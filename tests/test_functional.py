@@ -25,6 +25,7 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from mtdl_fast import functional as MF
+from mtdl_fast.functional import geometry
 
 NEAREST = InterpolationMode.NEAREST
 BILINEAR = InterpolationMode.BILINEAR
@@ -518,6 +519,14 @@ def test_affine_scalar_matches_torchvision_batch(dtype, interpolation):
 # --------------------------------------------------------------------------------------------
 # resized_crop
 # --------------------------------------------------------------------------------------------
+@pytest.fixture(params=["batched", "per-image"])
+def resize_path(request, monkeypatch):
+    """Both CPU paths of resized_crop: the batched resampling, and torch's resize image by image
+    (what the CPU uses for small batches and large images)."""
+    monkeypatch.setattr(geometry, "_batched", lambda image: request.param == "batched")
+    return request.param
+
+
 def _boxes(g: torch.Generator, b: int, h: int, w: int, max_h: int, max_w: int, min_size: int = 2):
     """Per-image (top, left, height, width) int64 boxes inside an (h, w) image, no larger than
     (max_h, max_w); image 0 gets the largest allowed box."""
@@ -537,7 +546,9 @@ def _boxes(g: torch.Generator, b: int, h: int, w: int, max_h: int, max_w: int, m
     [(24, 29, "contiguous", [31, 37]), (17, 16, "channels_last", [17, 23]), (24, 29, "contiguous", [20, 22])],
     ids=["24x29-to-31x37", "17x16-to-17x23-chlast", "24x29-to-20x22"],
 )
-def test_resized_crop_per_image_upsampling_matches_torchvision_loop(h, w, layout, size, antialias, c, dtype):
+def test_resized_crop_per_image_upsampling_matches_torchvision_loop(
+    h, w, layout, size, antialias, c, dtype, resize_path
+):
     x = make_batch(c, h, w, dtype, layout, seed=31)
     g = torch.Generator().manual_seed(32 + size[0])
     top, left, height, width = _boxes(g, x.shape[0], h, w, size[0], size[1])
@@ -548,7 +559,7 @@ def test_resized_crop_per_image_upsampling_matches_torchvision_loop(h, w, layout
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_resized_crop_downsampling_without_antialias_matches_torchvision_loop(dtype):
+def test_resized_crop_downsampling_without_antialias_matches_torchvision_loop(dtype, resize_path):
     x = make_batch(3, 24, 29, dtype, seed=33)
     g = torch.Generator().manual_seed(33)
     size = [9, 11]
@@ -560,7 +571,7 @@ def test_resized_crop_downsampling_without_antialias_matches_torchvision_loop(dt
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_resized_crop_nearest_matches_torchvision_loop(dtype):
+def test_resized_crop_nearest_matches_torchvision_loop(dtype, resize_path):
     """NEAREST (accepted, as in torchvision), for upsampling and downsampling crops."""
     x = make_batch(3, 24, 29, dtype, seed=36)
     g = torch.Generator().manual_seed(36)
@@ -575,7 +586,7 @@ def test_resized_crop_nearest_matches_torchvision_loop(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_resized_crop_box_beyond_the_border_pads_zeros_like_torchvision(dtype):
+def test_resized_crop_box_beyond_the_border_pads_zeros_like_torchvision(dtype, resize_path):
     """torchvision's crop pads a box that leaves the image with zeros before resizing."""
     x = make_batch(3, 17, 16, dtype, b=4, seed=37)
     top = torch.tensor([-3, 10, 0, -2])
@@ -589,7 +600,7 @@ def test_resized_crop_box_beyond_the_border_pads_zeros_like_torchvision(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_resized_crop_downsampling_with_antialias_on_cpu_matches_torchvision(dtype):
+def test_resized_crop_downsampling_with_antialias_on_cpu_matches_torchvision(dtype, resize_path):
     x = make_batch(3, 24, 29, dtype, b=3)
     top, left = torch.tensor([0, 1, 2]), torch.tensor([0, 3, 1])
     height, width = torch.tensor([5, 20, 6]), torch.tensor([5, 6, 27])  # image 1 and 2 downsample
@@ -600,24 +611,28 @@ def test_resized_crop_downsampling_with_antialias_on_cpu_matches_torchvision(dty
     assert (out.float() - ref.float()).abs().max().item() <= (1 if dtype == torch.uint8 else 1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the batched path)")
-def test_resized_crop_downsampling_with_antialias_raises_on_gpu():
-    x = make_batch(3, 24, 29, torch.float32, b=3).cuda()
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU twin: the test above")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_resized_crop_downsampling_with_antialias_on_gpu_matches_torchvision(dtype):
+    x = make_batch(3, 24, 29, dtype, b=3)
     top, left = torch.tensor([0, 1, 2]), torch.tensor([0, 3, 1])
-    height, width = torch.tensor([5, 20, 6]), torch.tensor([5, 6, 7])  # image 1: 20 rows -> 10
-    with pytest.raises(ValueError, match="antialias"):
-        MF.resized_crop(x, top, left, height, width, [10, 10], antialias=True)
+    height, width = torch.tensor([5, 20, 6]), torch.tensor([5, 6, 27])  # image 1 and 2 downsample
+    out = MF.resized_crop(x.cuda(), top.cuda(), left.cuda(), height.cuda(), width.cuda(), [10, 10]).cpu()
+    ref = torch.stack(
+        [TF.resized_crop(x[i], int(top[i]), int(left[i]), int(height[i]), int(width[i]), [10, 10]) for i in range(3)]
+    )
+    assert (out.float() - ref.float()).abs().max().item() <= (1 if dtype == torch.uint8 else 1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_resized_crop_scalar_matches_torchvision_batch(dtype):
+def test_resized_crop_scalar_matches_torchvision_batch(dtype, resize_path):
     x = make_batch(3, 24, 29, dtype, seed=34)
     ref = TF.resized_crop(x, 3, 4, 10, 12, [20, 25])
     out = MF.resized_crop(x, 3, 4, 10, 12, [20, 25])
     assert_images_close(out, ref)
 
 
-def test_resized_crop_default_is_bilinear_antialiased():
+def test_resized_crop_default_is_bilinear_antialiased(resize_path):
     x = make_batch(3, 17, 16, torch.float32, seed=35)
     g = torch.Generator().manual_seed(35)
     top, left, height, width = _boxes(g, x.shape[0], 17, 16, 19, 21)
@@ -1045,15 +1060,15 @@ BAD_INPUTS = {
     "length-crop-top": (lambda: MF.resized_crop(_x(), torch.tensor([0, 1]), 0, 4, 4, [8, 8]), "top", None),
     "length-solarize": (lambda: MF.solarize(_x(), _t(0.5, 0.5)), "threshold", None),
     "length-noise-mean": (lambda: MF.gaussian_noise(_x(), mean=_t(0.0, 0.0)), "mean", None),
-    # wrong rank with a per-image tensor parameter
+    # per-image tensors count the images of the flattened leading dims: 1 for (C, H, W), 6 for (2, 3, C, H, W)
     "rank3-brightness": (lambda: MF.adjust_brightness(_x()[0], _t(1.0, 1.0, 1.0)), "image", None),
-    "rank5-rotate": (lambda: MF.rotate(_x().unsqueeze(0), _t(1.0)), "image", None),
+    "rank5-rotate": (lambda: MF.rotate(torch.stack([_x(), _x()]), _t(1.0, 2.0, 3.0)), "image", None),
     "rank3-blur": (lambda: MF.gaussian_blur(_x()[0], 3, _t(1.0, 1.0, 1.0)), "image", None),
-    # channels not in {1, 3}
+    # channels not in {1, 3} for the colour ops (the geometric ops and filters take any channels)
     "channels-4-brightness": (lambda: MF.adjust_brightness(_x(c=4), _t(1.0, 1.0, 1.0)), "image", "4"),
     "channels-2-hue": (lambda: MF.adjust_hue(_x(c=2), _t(0.1, 0.1, 0.1)), "image", "2"),
-    "channels-4-rotate": (lambda: MF.rotate(_x(c=4), _t(1.0, 2.0, 3.0)), "image", "4"),
-    "channels-2-blur": (lambda: MF.gaussian_blur(_x(c=2), 3, _t(1.0, 1.0, 1.0)), "image", "2"),
+    "channels-4-contrast": (lambda: MF.adjust_contrast(_x(c=4), _t(1.0, 2.0, 3.0)), "image", "4"),
+    "channels-2-sharpness": (lambda: MF.adjust_sharpness(_x(c=2), _t(1.0, 1.0, 1.0)), "image", "2"),
 }
 
 

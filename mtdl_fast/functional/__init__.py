@@ -1,9 +1,12 @@
 """Vectorised image ops with torchvision.transforms.v2.functional's names and semantics.
 
-Every numeric parameter is either a number (one value for the batch, exactly torchvision's call)
-or a tensor with one value per image, so a batch of B images can be augmented with B different
-parameters in one call. Images are (B, C, H, W), C in {1, 3}, uint8 in [0, 255] or float in [0, 1];
-uint8 results follow torchvision's truncation (blends) and rounding (warps, filters).
+Every numeric parameter is either a number (one value for every image, exactly torchvision's call)
+or a tensor with one value per image of the flattened leading dims, so a batch of N images can be
+augmented with N different parameters in one call. Images are (..., C, H, W) plain tensors,
+tv_tensors.Image or tv_tensors.Video (returned as the same type), uint8 in [0, 255] or float in
+[0, 1]; the colour ops take C in {1, 3}, the others any C, as torchvision. uint8 results follow
+torchvision's truncation (blends) and rounding (warps, filters); invert, solarize and posterize
+also take torchvision's other integer dtypes.
 """
 from mtdl_fast.functional.color import (
     adjust_brightness,

@@ -1,8 +1,8 @@
 """Colour ops with torchvision.transforms.v2.functional's names and numerics, parameters per image.
 
-Each public op validates its arguments and calls a private `_op(image, param)` that takes the
-parameter already shaped (B, 1, 1, 1); `mtdl_fast.tasks` calls the private ones directly, so a
-training step pays no validation (and no host synchronisation).
+Each public op validates its arguments and calls a private `_op(image, param)` on the (N, C, H, W)
+batch with the parameter already shaped (N, 1, 1, 1); `mtdl_fast.ops` calls the private ones
+directly, so a training step pays no validation (and no host synchronisation).
 """
 from __future__ import annotations
 
@@ -10,16 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from mtdl_fast.functional._utils import (
+    BIT_DTYPES,
     Param,
+    TypeOrValueError,
     blend,
     cast_like,
-    check_image,
     compute_dtype,
     from_float,
     grayscale,
+    image_op,
     max_value,
     per_image,
     to_float,
+    value_bits,
 )
 
 
@@ -28,9 +31,10 @@ def _brightness(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return cast_like(out, image, round_=False)
 
 
+@image_op()
 def adjust_brightness(image: torch.Tensor, brightness_factor: Param) -> torch.Tensor:
-    """clamp(image * brightness_factor, 0, max). image (..., C, H, W) uint8/float; factor >= 0, number or (B,)."""
-    check_image(image)
+    """clamp(image * brightness_factor, 0, max). image (..., C, H, W), C in {1, 3}, uint8/float;
+    factor >= 0, a number or one per image (N,)."""
     return _brightness(image, per_image(brightness_factor, "brightness_factor", image, low=0.0))
 
 
@@ -43,9 +47,9 @@ def _saturation(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return cast_like(blend(image, gray, factor, max_value(image.dtype)), image, round_=False)
 
 
+@image_op()
 def adjust_saturation(image: torch.Tensor, saturation_factor: Param) -> torch.Tensor:
-    """blend(image, gray(image), factor); 1-channel images unchanged. factor >= 0, number or (B,)."""
-    check_image(image)
+    """blend(image, gray(image), factor); 1-channel images unchanged. factor >= 0, number or (N,)."""
     return _saturation(image, per_image(saturation_factor, "saturation_factor", image, low=0.0))
 
 
@@ -57,9 +61,9 @@ def _contrast(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return cast_like(blend(image, mean, factor, max_value(image.dtype)), image, round_=False)
 
 
+@image_op()
 def adjust_contrast(image: torch.Tensor, contrast_factor: Param) -> torch.Tensor:
-    """blend(image, mean of gray(image) over each whole image, factor). factor >= 0, number or (B,)."""
-    check_image(image)
+    """blend(image, mean of gray(image) over each whole image, factor). factor >= 0, number or (N,)."""
     return _contrast(image, per_image(contrast_factor, "contrast_factor", image, low=0.0))
 
 
@@ -107,28 +111,34 @@ def _hue(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return from_float(rgb, image.dtype)
 
 
+@image_op()
 def adjust_hue(image: torch.Tensor, hue_factor: Param) -> torch.Tensor:
-    """Shift the HSV hue by hue_factor in [-0.5, 0.5] (number or (B,)); 1-channel images unchanged."""
-    check_image(image)
+    """Shift the HSV hue by hue_factor in [-0.5, 0.5] (number or (N,)); 1-channel images unchanged."""
     return _hue(image, per_image(hue_factor, "hue_factor", image, low=-0.5, high=0.5))
 
 
+@image_op()
 def rgb_to_grayscale(image: torch.Tensor, num_output_channels: int = 1) -> torch.Tensor:
     """0.2989 R + 0.587 G + 0.114 B, in the image's dtype (uint8 truncated), 1 or 3 output channels."""
-    check_image(image)
     if num_output_channels not in (1, 3):
-        raise ValueError(f"num_output_channels must be 1 or 3, got {num_output_channels}")
+        raise ValueError(f"num_output_channels must be 1 or 3, got {num_output_channels!r}")
     gray = grayscale(image).to(image.dtype)
     return gray.expand(*image.shape[:-3], num_output_channels, *image.shape[-2:]).clone()
 
 
 def _invert(image: torch.Tensor) -> torch.Tensor:
-    return image.bitwise_not() if image.dtype == torch.uint8 else 1.0 - image
+    if image.is_floating_point():
+        return 1.0 - image
+    if image.dtype == torch.uint8:
+        return image.bitwise_not()
+    # signed (and uint16) integers: flip the value bits only, as torchvision (the sign bit stays)
+    return image.bitwise_xor((1 << value_bits(image.dtype)) - 1)
 
 
+@image_op(channels=None, dtypes=BIT_DTYPES)
 def invert(image: torch.Tensor) -> torch.Tensor:
-    """max - image: 1 - x for float, bitwise not for uint8."""
-    check_image(image)
+    """max - image: 1 - x for float, bitwise not for uint8, the value bits flipped for int8/16/32/64 and
+    uint16. Any number of channels."""
     return _invert(image)
 
 
@@ -136,10 +146,15 @@ def _solarize(image: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return torch.where(image >= threshold.to(compute_dtype(image)), _invert(image), image)
 
 
+# torch implements no comparison for uint16 (torchvision's solarize fails there too)
+_SOLARIZE_DTYPES = BIT_DTYPES - {torch.uint16}
+
+
+@image_op(channels=None, dtypes=_SOLARIZE_DTYPES)
 def solarize(image: torch.Tensor, threshold: Param) -> torch.Tensor:
-    """Invert the pixels >= threshold (in the image's value range), number or (B,)."""
-    check_image(image)
-    return _solarize(image, per_image(threshold, "threshold", image, high=max_value(image.dtype)))
+    """Invert the pixels >= threshold (in the image's value range, at most its maximum), number or (N,)."""
+    limit = max_value(image.dtype)
+    return _solarize(image, per_image(threshold, "threshold", image, high=limit, range_error=TypeOrValueError))
 
 
 def _posterize(image: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -147,14 +162,17 @@ def _posterize(image: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         levels = torch.exp2(bits).to(image.dtype)
         return (image * levels).floor_().clamp_(min=0).minimum(levels - 1).mul_(1.0 / levels)
     bits = bits.to(torch.int64)
-    mask = torch.bitwise_left_shift(torch.full_like(bits, 255), 8 - bits) & 255
-    return image & mask.to(torch.uint8)
+    total = value_bits(image.dtype)
+    kept = torch.bitwise_left_shift(torch.bitwise_left_shift(torch.ones_like(bits), bits) - 1, total - bits)
+    # bits >= the value bits keeps the image as it is (torchvision returns it unchanged)
+    mask = torch.where(bits >= total, torch.full_like(bits, -1), kept)
+    return image & mask.to(image.dtype)
 
 
+@image_op(channels=None, dtypes=BIT_DTYPES)
 def posterize(image: torch.Tensor, bits: Param) -> torch.Tensor:
-    """Keep the `bits` most significant bits (0..8, int or (B,) integer tensor)."""
-    check_image(image)
-    return _posterize(image, per_image(bits, "bits", image, low=0, high=8, integer=True))
+    """Keep the `bits` most significant value bits (an integer in 0..8, or an (N,) integer tensor)."""
+    return _posterize(image, per_image(bits, "bits", image, low=0, high=8, integer=True, range_error=TypeOrValueError))
 
 
 _SHARPEN = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
@@ -179,7 +197,8 @@ def _sharpness(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return cast_like(out, image, round_=False)
 
 
+@image_op()
 def adjust_sharpness(image: torch.Tensor, sharpness_factor: Param) -> torch.Tensor:
-    """Blend with a 3x3 smoothed copy ([[1,1,1],[1,5,1],[1,1,1]]/13); borders unchanged. factor >= 0."""
-    check_image(image)
+    """Blend with a 3x3 smoothed copy ([[1,1,1],[1,5,1],[1,1,1]]/13); borders unchanged. factor >= 0,
+    number or (N,)."""
     return _sharpness(image, per_image(sharpness_factor, "sharpness_factor", image, low=0.0))

@@ -1,12 +1,24 @@
 """Filters, noise, erasing and normalisation with torchvision's names and numerics, parameters per image."""
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from mtdl_fast.functional._utils import Param, cast_like, check_image, compute_dtype, per_image
+from mtdl_fast.functional._utils import (
+    FLOAT_DTYPES,
+    Param,
+    as_batch,
+    cast_like,
+    check_image,
+    compute_dtype,
+    image_op,
+    per_image,
+    rewrap,
+    unwrap,
+)
 
 
 def gaussian_kernel1d(kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
@@ -33,29 +45,43 @@ def _blur(image: torch.Tensor, kernel_size: tuple[int, int], sigma: torch.Tensor
     return cast_like(out, image, round_=True)
 
 
+def _kernel_sizes(kernel_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(kernel_size, Sequence) and not isinstance(kernel_size, str):
+        if len(kernel_size) != 2:
+            raise ValueError(f"kernel_size must be one int or [width, height], got {kernel_size!r}")
+        sizes = tuple(kernel_size)
+    else:
+        sizes = (kernel_size, kernel_size)
+    if not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in sizes):
+        raise TypeError(f"kernel_size must hold integers, got {kernel_size!r}")
+    if any(k <= 0 or k % 2 == 0 for k in sizes):
+        raise ValueError(f"kernel_size must be odd positive integers, got {kernel_size!r}")
+    return int(sizes[0]), int(sizes[1])
+
+
+@image_op(channels=None)
 def gaussian_blur(
     image: torch.Tensor, kernel_size: int | Sequence[int], sigma: Param | Sequence[float] | None = None
 ) -> torch.Tensor:
     """Separable Gaussian blur with reflect padding.
 
-    kernel_size: odd int or [width, height], shared by the batch; sigma: number, [sx, sy], (B,) or
-    (B, 2) per image, default 0.15 * k + 0.35. image (B, C, H, W) uint8/float.
+    kernel_size: odd int or [width, height], shared by the batch; sigma: number, [sx, sy], (N,) or
+    (N, 2) per image, default 0.15 * k + 0.35, every value > 0. image (..., C, H, W) uint8/float,
+    any number of channels.
     """
-    check_image(image)
-    sizes = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-    if len(sizes) != 2 or any(not isinstance(k, int) or k <= 0 or k % 2 == 0 for k in sizes):
-        raise ValueError(f"kernel_size must be odd positive integers, got {kernel_size!r}")
+    sizes = _kernel_sizes(kernel_size)
     if sigma is None:
         sigma = [k * 0.15 + 0.35 for k in sizes]
-    batch_image = image.reshape(-1, *image.shape[-3:])
-    sigmas = per_image(sigma, "sigma", batch_image, width=2, low=1e-12, repeat=True)
+    sigmas = per_image(sigma, "sigma", image, width=2, repeat=True)
+    if bool((sigmas <= 0).any()):
+        raise ValueError(f"sigma must be positive, got {sigmas[sigmas <= 0].flatten()[0].item()}")
     # kernel_size is [width, height]; reflect padding needs each half-kernel below its own axis.
-    if (sizes[0] // 2 >= batch_image.shape[-1] or sizes[1] // 2 >= batch_image.shape[-2]) and batch_image.numel() > 0:
+    if (sizes[0] // 2 >= image.shape[-1] or sizes[1] // 2 >= image.shape[-2]) and image.numel() > 0:
         raise ValueError(
             f"kernel_size {list(sizes)} needs images larger than half the kernel for reflect padding, "
-            f"got image size {list(batch_image.shape[-2:])}"
+            f"got image size {list(image.shape[-2:])}"
         )
-    return _blur(batch_image, sizes, sigmas).reshape(image.shape)
+    return _blur(image, sizes, sigmas)
 
 
 def _noise(
@@ -70,6 +96,7 @@ def _noise(
     return (out.clamp(0, 255) if clip else out).to(torch.uint8)
 
 
+@image_op(channels=None)
 def gaussian_noise(
     image: torch.Tensor,
     mean: Param = 0.0,
@@ -79,10 +106,9 @@ def gaussian_noise(
 ) -> torch.Tensor:
     """image + mean + sigma * N(0, 1), clamped to the value range when `clip`.
 
-    mean, sigma: numbers or (B,), in [0, 1] units for both dtypes (uint8 noise is scaled by 255 and
+    mean, sigma: numbers or (N,), in [0, 1] units for both dtypes (uint8 noise is scaled by 255 and
     truncated, as torchvision). `generator` makes the draw reproducible.
     """
-    check_image(image)
     return _noise(
         image, per_image(mean, "mean", image), per_image(sigma, "sigma", image, low=0.0), clip, generator
     )
@@ -98,6 +124,51 @@ def _erase(image: torch.Tensor, box: torch.Tensor, value: torch.Tensor) -> torch
     return torch.where(inside, value.to(image.dtype), image)
 
 
+def _slice_bounds(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[first, stop) that Python slicing selects for [start : start + length] on an axis of `size`
+    (a negative bound counts from the end), as torchvision's `image[..., i:i + h, j:j + w]`."""
+    stop = start + length
+
+    def resolve(bound: torch.Tensor) -> torch.Tensor:
+        return torch.where(bound < 0, bound + size, bound).clamp(0, size)
+
+    first = resolve(start)
+    return first, torch.maximum(resolve(stop), first)
+
+
+def _erase_value(v: float | torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """`v` as a tensor on the image's device that broadcasts against the erased region (..., C, h, w)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(image.device)
+    if isinstance(v, numbers.Real):
+        return torch.tensor(v, device=image.device)
+    raise TypeError(f"v must be a number or a tensor, got {type(v)}")
+
+
+def _broadcast_value(value: torch.Tensor, region: tuple[int, ...]) -> torch.Tensor:
+    """`value` broadcast against the erased region (..., C, h, w) (torchvision's assignment rule),
+    flattened to (N, C, h, w)."""
+    try:
+        return as_batch(value.expand(region))
+    except RuntimeError:
+        raise ValueError(
+            f"v must broadcast against the erased region {region} (..., C, h, w), got shape {tuple(value.shape)}"
+        ) from None
+
+
+def _erase_pixels(image: torch.Tensor, first: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Erase the boxes starting at `first` ((N, 2): row, column) of the (N, C, H, W) batch with
+    per-pixel values (N, C, h, w)."""
+    batch, channels, height, width = image.shape
+    box_h, box_w = value.shape[-2:]
+    rows = torch.arange(height, device=image.device).reshape(1, 1, -1, 1) - first[:, 0].reshape(-1, 1, 1, 1)
+    cols = torch.arange(width, device=image.device).reshape(1, 1, 1, -1) - first[:, 1].reshape(-1, 1, 1, 1)
+    by_row = value.gather(2, rows.clamp(0, box_h - 1).expand(batch, channels, height, box_w))
+    placed = by_row.gather(3, cols.clamp(0, box_w - 1).expand(batch, channels, height, width))
+    inside = (rows >= 0) & (rows < box_h) & (cols >= 0) & (cols < box_w)
+    return torch.where(inside, placed.to(image.dtype), image)
+
+
 def erase(
     image: torch.Tensor,
     i: Param,
@@ -107,45 +178,70 @@ def erase(
     v: float | torch.Tensor,
     inplace: bool = False,
 ) -> torch.Tensor:
-    """Set the box rows [i, i + h), columns [j, j + w) of each image to `v`.
+    """Set rows [i, i + h), columns [j, j + w) of each image to `v`, torchvision's
+    `image[..., i:i + h, j:j + w] = v` (Python slicing: a negative i or j counts from the end).
 
-    i, j, h, w: ints or (B,) integer tensors; v: a number or a tensor broadcastable to (B, C, 1, 1).
+    image: (..., C, H, W) of any dtype and channel count. i, j, h, w: ints or (N,) integer tensors
+    (h, w >= 0). v: a number or a tensor that broadcasts against the erased region (..., C, h, w),
+    e.g. (C, 1, 1), one value per image (N, C, 1, 1), or per pixel (C, h, w) (RandomErasing's
+    value="random"; needs every box to have that size inside the image).
     """
-    check_image(image)
-    batch_image = image if image.ndim == 4 else image.reshape(-1, *image.shape[-3:])
-    parts = [
-        per_image(p, n, batch_image, integer=True, low=low).reshape(-1)
-        for p, n, low in ((i, "i", None), (j, "j", None), (h, "h", 0), (w, "w", 0))
-    ]
-    batch = batch_image.shape[0]
-    box = torch.stack([p.expand(batch) if p.shape[0] == 1 else p for p in parts], dim=-1)
-    value = torch.as_tensor(v, device=image.device)
-    # torchvision's v broadcasts against one image (C, h, w); a 4-D v adds the batch dimension.
-    value = value.reshape((1,) * (4 - value.ndim) + tuple(value.shape)) if value.ndim < 4 else value
-    if value.ndim != 4 or value.shape[-2:] != (1, 1) or value.shape[0] not in (1, batch) or value.shape[1] not in (1, image.shape[-3]):
-        raise ValueError(f"v must broadcast to (B, C, 1, 1), got shape {tuple(torch.as_tensor(v).shape)}")
-    out = _erase(batch_image, box, value).reshape(image.shape)
+    plain = unwrap(image)
+    check_image(plain, channels=None, dtypes=None)
+    batch_image = as_batch(plain)
+    batch, height, width = batch_image.shape[0], batch_image.shape[-2], batch_image.shape[-1]
+    i_, j_ = (per_image(p, n, plain, integer=True).reshape(-1).long() for p, n in ((i, "i"), (j, "j")))
+    h_, w_ = (per_image(p, n, plain, integer=True, low=0).reshape(-1).long() for p, n in ((h, "h"), (w, "w")))
+    row_first, row_stop = _slice_bounds(i_, h_, height)
+    col_first, col_stop = _slice_bounds(j_, w_, width)
+    first = torch.stack(torch.broadcast_tensors(row_first, col_first), -1).expand(batch, 2)
+    stop = torch.stack(torch.broadcast_tensors(row_stop, col_stop), -1).expand(batch, 2)
+    value = _erase_value(v, plain)
+    sizes = stop - first
+    if all(s == 1 for s in value.shape[-2:]) or batch == 0:
+        out = _erase(batch_image, torch.cat((first, sizes), -1), _broadcast_value(value, (*plain.shape[:-2], 1, 1)))
+    else:  # values per pixel: every box must have one size for v to broadcast against it
+        box_size = sizes[0].tolist()
+        if not bool((sizes == sizes[0]).all()):
+            raise ValueError(f"a per-pixel v needs every erased box of one size, got sizes {sizes.tolist()}")
+        out = _erase_pixels(batch_image, first, _broadcast_value(value, (*plain.shape[:-2], *box_size)))
+    out = out.reshape(plain.shape)
     if inplace:
-        image.copy_(out)
+        plain.copy_(out)
         return image
-    return out
+    return rewrap(out, image)
+
+
+def _channel_statistic(value: float | Sequence[float] | torch.Tensor, name: str, image: torch.Tensor) -> torch.Tensor:
+    """mean / std as a tensor that broadcasts against (..., C, H, W): one value or one per channel."""
+    try:
+        t = torch.as_tensor(value, dtype=image.dtype, device=image.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number or a sequence of numbers, got {value!r}") from None
+    t = t.reshape(-1, 1, 1) if t.ndim == 1 else t
+    try:
+        torch.broadcast_shapes(t.shape, image.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} must hold one value or one per channel ({image.shape[-3]}), got {value!r}"
+        ) from None
+    return t
 
 
 def normalize(
-    image: torch.Tensor, mean: Sequence[float], std: Sequence[float], inplace: bool = False
+    image: torch.Tensor,
+    mean: float | Sequence[float] | torch.Tensor,
+    std: float | Sequence[float] | torch.Tensor,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """(image - mean[c]) / std[c] for a floating image (..., C, H, W)."""
-    check_image(image)
-    if not image.is_floating_point():
-        raise ValueError(f"image must be floating point for normalize, got dtype {image.dtype}")
-    channels = image.shape[-3]
-    mean_t = torch.as_tensor(mean, dtype=image.dtype, device=image.device).reshape(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=image.dtype, device=image.device).reshape(-1, 1, 1)
-    if mean_t.shape[0] not in (1, channels) or std_t.shape[0] not in (1, channels):
-        raise ValueError(f"mean and std need 1 or {channels} values, got mean={list(mean)} std={list(std)}")
+    """(image - mean[c]) / std[c] for a floating image (..., C, H, W); mean and std one number or one
+    per channel, std without zeros. `inplace` writes into `image`."""
+    plain = unwrap(image)
+    check_image(plain, channels=None, dtypes=FLOAT_DTYPES)
+    mean_t = _channel_statistic(mean, "mean", plain)
+    std_t = _channel_statistic(std, "std", plain)
     if bool((std_t == 0).any()):
-        raise ValueError(f"std must not contain zeros, got {list(std)}")
-    out = image.sub_(mean_t) if inplace else image - mean_t
-    return out.div_(std_t)
-
-
+        raise ValueError(f"std must not contain zeros (division by zero), got {std!r}")
+    out = plain.sub_(mean_t) if inplace else plain - mean_t
+    out = out.div_(std_t)
+    return image if inplace else rewrap(out, image)
