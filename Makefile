@@ -29,5 +29,15 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# Every CPU benchmark on this machine (one core: about 15 minutes), the results file, the README tables.
+bench: $(STAMP)
+	$(PY) -m benchmarks.run cpu
+
+# On a CUDA machine without network, with its own python3 and torch: build _C, run the CUDA tests and the
+# GPU benchmarks (under 8 minutes on an H100/H200). DRY_RUN=1 lists the steps and checks they import.
+.PHONY: gpu-check
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.run gpu $(if $(DRY_RUN),--dry-run)
+
 clean:
 	rm -rf build *.egg-info mtdl_fast/_C*.so
