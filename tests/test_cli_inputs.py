@@ -170,3 +170,23 @@ def test_eval_takes_data_dir(tmp_path, capsys):
     assert main(["eval", str(out / "checkpoint.pt")]) == 2
     assert main(["eval", str(out / "checkpoint.pt"), "--data-dir", str(moved)]) == 0
     assert "| head identity |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra", [["--model", "aligned", "--align-steps", "1"],
+                                   ["--model", "aligned", "--trunk", "resnet"],
+                                   ["--model", "soft", "--soft-lambda", "2"], ["--amp", "bf16"],
+                                   ["--affinity-baseline", "tag"]])
+def test_model_kinds_precision_and_affinity_definition_run_end_to_end(extra, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--out", str(out), *extra]) == 0
+    results = json.loads((out / "results.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    acc = np.asarray(results["accuracy_matrices"][0]["matrix"])
+    assert ((0 <= acc) & (acc <= 1)).all()
+    if "soft" in extra:  # every trunk parameter is per task: no shared update to measure
+        assert results["affinity"] is None and config["soft_lambda"] == 2
+        return
+    assert np.isfinite(np.asarray(results["affinity"], float)).all()
+    first_line = (out / "affinity.csv").read_text().splitlines()[0]
+    want = "TAG's lookahead affinity" if "tag" in extra else "every source shares"
+    assert first_line.startswith("# Z[i, j]") and want in first_line

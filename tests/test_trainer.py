@@ -90,7 +90,7 @@ def test_checkpoint_corruption_and_foreign_files_are_refused(tmp_path):
         (["run", "--dataset", "imagenet-22k"], "unknown dataset"),
         (["run", "--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "cifar"),
         (["run", "--dataset", "npz", "--data-dir", "/nonexistent/x.npz"], "data-dir"),
-        (["run", "--model", "transformer"], "kind"),
+        (["run", "--model", "transformer"], "model must be"),
         (["run", "--device", "tpu"], "unknown device"),
         (["run", "--steps", "0"], "steps"),
         (["run", "--steps", "5", "--epochs", "1"], "not allowed with"),

@@ -227,7 +227,16 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     length.add_argument("--epochs", type=float, default=None, help="training epochs instead of steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per batch (default {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate (default {d.lr})")
-    p.add_argument("--model", default=d.model, help="hard (shared trunk, K heads), onehot, gating, film or moe")
+    p.add_argument("--model", default=d.model,
+                   help="hard (shared trunk, K heads), onehot, gating, film or moe (one task-conditioned head), "
+                        "aligned (per-task covariance alignment of the stem) or soft (soft parameter sharing)")
+    p.add_argument("--align-steps", type=int, default=d.align_steps,
+                   help="--model aligned: steps that train only the alignment and the heads (default: a quarter "
+                        "of the run)")
+    p.add_argument("--soft-lambda", type=float, default=d.soft_lambda,
+                   help=f"--model soft: weight of the penalty tying the trunk copies (default {d.soft_lambda})")
+    p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16"],
+                   help="mixed precision of the forward passes (default: off); fp16 adds a gradient scaler")
     p.add_argument("--trunk", default=d.trunk, help="resnet or mlp (default resnet)")
     p.add_argument("--weighting", default=d.weighting, help="sum, minmax, uncertainty, dwa, svd or uniform")
     p.add_argument("--strategy", default=d.strategy,
@@ -235,6 +244,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--affinity-every", type=_every, default=d.affinity_every,
                    help=f"TAG affinity every N steps; 0 or none: no affinity (default {d.affinity_every})")
     p.add_argument("--affinity-mode", default=d.affinity_mode, help="exact or first_order")
+    p.add_argument("--affinity-baseline", default=d.affinity_baseline,
+                   help=f"tag (TAG's Z) or shared_step (Z against the step every task shares, the momentum "
+                        f"term; default {d.affinity_baseline}); exact mode only")
     p.add_argument("--budget", type=int, default=d.budget, help=f"maximum number of task groups (default {d.budget})")
     p.add_argument("--protocol", default=d.protocol,
                    help="default, or paper: alone, every pair, all together and the groups, over --seeds seeds")
@@ -292,7 +304,8 @@ def _config_from(args: argparse.Namespace):
                        affinity_every=args.affinity_every,
                        affinity_mode=args.affinity_mode, budget=args.budget, device=args.device, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, protocol=args.protocol, threads=args.threads,
-                       seeds=args.seeds)
+                       seeds=args.seeds, affinity_baseline=args.affinity_baseline, amp=args.amp,
+                       align_steps=args.align_steps, soft_lambda=args.soft_lambda)
     try:
         config.validate()
     except ValueError as err:
@@ -431,7 +444,7 @@ def _run_task_names(path: Path) -> list[str] | None:
 def cmd_groups(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mtdl_fast.grouping import select_groups
+    from mtdl_fast.grouping import bootstrap_groups, select_groups
 
     path = Path(args.affinity)
     if not path.is_file():
@@ -441,16 +454,21 @@ def cmd_groups(args: argparse.Namespace) -> int:
         if path.suffix == ".npy":
             matrix = np.load(path, allow_pickle=False)
             names = names or _run_task_names(path)
-        else:
-            header = path.read_text().splitlines()[0]
-            names = names or header.lstrip("# ").split(",")
-            matrix = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+        else:  # '#' lines (the definition), then the task names, then the rows
+            lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+            names = names or lines[0].split(",")
+            matrix = np.loadtxt(lines[1:], delimiter=",", ndmin=2)
         if names is not None and len(names) != len(matrix):
             names = None if not args.names else names  # a stale config.json: print indices rather than lie
         if args.method.lower() == "hoa" and path.stem.startswith("affinity"):
             print(f"{PROG}: warning: HOA expects pairwise losses (P[a, b]: a's loss trained with b), "
                   f"not an affinity matrix; {path.name} looks like one", file=sys.stderr)
         print(select_groups(matrix, budget=args.budget, method=args.method, names=names))
+        steps = path.parent / "affinity_steps.npy"
+        if args.method.lower() == "tag" and steps.is_file():
+            history = np.load(steps, allow_pickle=False)
+            if history.ndim == 3 and history.shape[1:] == matrix.shape and history.shape[0] >= 2:
+                print(bootstrap_groups(history, budget=args.budget, names=names))
     except (ValueError, TypeError, OSError) as err:
         raise CLIError(f"{path}: {err}") from err
     return EXIT_OK

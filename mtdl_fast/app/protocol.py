@@ -12,12 +12,13 @@ covariance similarity) are compared with the measured pair effects by Spearman r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from mtdl_fast.app.trainer import Dataset, RunConfig, build_engine, evaluate, train
+from mtdl_fast.app.signals import RelatednessSignals
+from mtdl_fast.app.trainer import Dataset, RunConfig, build_run, evaluate, train
 from mtdl_fast.engine import MTDLEngine
 
 SETTINGS = ("each alone", "all together", "TAG groups", "HOA groups")
@@ -72,9 +73,9 @@ def rank_agreement(signal: np.ndarray, effects: np.ndarray) -> float:
 
 
 def _train(config: RunConfig, names: Sequence[str], data: Dataset, device: torch.device, label: str) -> MTDLEngine:
-    engine = build_engine(config, names, data, device)
-    train(config, engine, data, device, label=label)
-    return engine
+    run = build_run(config, names, data, device)
+    train(config, run.engine, data, device, label=label, before_step=run.before_step)
+    return run.engine
 
 
 def _served(result_groups: list[list[int]], serving: Sequence[int], config: RunConfig, names: list[str],
@@ -91,19 +92,31 @@ def _served(result_groups: list[list[int]], serving: Sequence[int], config: RunC
     return per_task
 
 
+Together = tuple[MTDLEngine, np.ndarray, dict[str, np.ndarray]]
+
+
+def train_together(config: RunConfig, names: list[str], data: Dataset, device: torch.device, x_eval,
+                   y_eval) -> Together:
+    """All K tasks in one model with affinity tracking: (engine, accuracy row, other signals)."""
+    run = build_run(config, names, data, device)
+    signals = RelatednessSignals(config.lr)
+    train(config, run.engine, data, device, label=f"seed {config.seed}: all together", before_step=run.before_step,
+          after_step=signals.after_step)
+    accuracy = evaluate(run.engine, names, names, x_eval, y_eval, config.seed)[-1]
+    return run.engine, accuracy, signals.matrices(run.engine, names, x_eval, config.seed)
+
+
 def run_seed(config: RunConfig, names: list[str], data: Dataset, device: torch.device, x_eval, y_eval,
-             together: tuple[MTDLEngine, np.ndarray] | None = None,
-             signals: Callable[[MTDLEngine], dict[str, np.ndarray]] | None = None) -> SeedOutcome:
-    """The protocol for `config.seed`; `together` = (engine, accuracy row) of a finished run with
-    affinity tracking on all K tasks, trained here when None."""
+             together: Together | None = None) -> SeedOutcome:
+    """The protocol for `config.seed`; `together` = a finished run on all K tasks with affinity
+    tracking (`train_together`), trained here when None."""
     from mtdl_fast.grouping import select_groups
 
     k = len(names)
     budget = min(config.budget, k)
     if together is None:
-        engine = _train(config, names, data, device, f"seed {config.seed}: all together")
-        together = engine, evaluate(engine, names, names, x_eval, y_eval, config.seed)[-1]
-    engine, together_acc = together
+        together = train_together(config, names, data, device, x_eval, y_eval)
+    engine, together_acc, signals = together
     affinity = engine.tracker.affinity.cpu().numpy()
     tag = select_groups(np.nan_to_num(affinity), budget=budget, names=names)
     plain = dataclasses.replace(config, affinity_every=None)  # sub-runs only need their accuracy
@@ -118,7 +131,7 @@ def run_seed(config: RunConfig, names: list[str], data: Dataset, device: torch.d
                            x_eval, y_eval, config.seed)[-1]
             pair[a, b], pair[b, a] = acc[0], acc[1]
     hoa = select_groups(1.0 - pair, budget=budget, method="hoa", names=names)
-    found = {"TAG exact": affinity, **(signals(engine) if signals is not None else {})}
+    found = {"TAG exact": affinity, **signals}
     return SeedOutcome(
         seed=config.seed, alone=np.diag(alone_models).copy(), pair=pair, together=np.asarray(together_acc),
         tag=_served(tag.groups, tag.serving, plain, names, data, device, x_eval, y_eval, f"seed {config.seed}: TAG"),
@@ -147,15 +160,13 @@ def summarise(outcomes: Sequence[SeedOutcome], names: list[str]) -> dict:
 
 
 def paper_protocol(config: RunConfig, names: list[str], data: Dataset, device: torch.device,
-                   main: tuple[MTDLEngine, np.ndarray], x_eval, y_eval,
-                   signals: Callable[[MTDLEngine], dict[str, np.ndarray]] | None = None) -> dict:
+                   main: Together, x_eval, y_eval) -> dict:
     """The whole analysis over `config.seeds` seeds starting at `config.seed`; `main` is the finished
-    main run (its engine and its together-accuracy row), reused as the first seed's together run."""
+    main run (`train_together`'s triple), reused as the first seed's together run."""
     outcomes = []
     for offset in range(config.seeds):
         seeded = dataclasses.replace(config, seed=config.seed + offset)
-        outcomes.append(run_seed(seeded, names, data, device, x_eval, y_eval,
-                                 together=main if offset == 0 else None, signals=signals))
+        outcomes.append(run_seed(seeded, names, data, device, x_eval, y_eval, together=main if offset == 0 else None))
     first = outcomes[0]
     shift = {"rows": [f"trained on {n}" for n in names] + ["trained on all"], "cols": names,
              "matrix": np.mean([o.shift for o in outcomes], axis=0),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.patches
 import numpy as np
 from matplotlib import colors as mcolors
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -168,13 +169,15 @@ def _heatmap(ax, data: np.ndarray, cmap, norm, row_names, col_names,
 # ----------------------------------------------------------------------------------------------
 
 def markdown_table(matrix: Any, row_names: Sequence[str], col_names: Sequence[str],
-                   fmt: str = "{:.3f}", corner: str = "") -> str:
+                   fmt: str = "{:.3f}", corner: str = "", align: str | None = None) -> str:
     """A matrix as a GitHub markdown table: a header row of ``col_names`` (``corner`` above the
-    row names), numeric columns right-aligned, one row per ``row_names`` entry.
+    row names), one row per ``row_names`` entry. The project's one table writer.
 
     Numbers are written with ``fmt`` (``str.format`` syntax); NaN/None as ``n/a``; strings as is.
-    ``|`` in any text is escaped. A 1-D ``matrix`` is one row. Returns the table without a
-    trailing newline, e.g. ``markdown_table([[1, 0.5]], ["a"], ["x", "y"], fmt="{:.1f}")`` is::
+    ``|`` in any text is escaped. A 1-D ``matrix`` is one row. ``align`` has one letter per column of
+    ``col_names``, ``l`` (left) or ``r`` (right); by default all are right-aligned (the row names
+    are always left-aligned). Returns the table without a trailing newline, e.g.
+    ``markdown_table([[1, 0.5]], ["a"], ["x", "y"], fmt="{:.1f}")`` is::
 
         |  | x | y |
         |---|---:|---:|
@@ -191,11 +194,16 @@ def markdown_table(matrix: Any, row_names: Sequence[str], col_names: Sequence[st
     for r in rows:
         if len(r) != len(col_names):
             raise ValueError(f"markdown_table: a row of {len(r)} values, {len(col_names)} column names")
+    align = "r" * len(col_names) if align is None else align
+    if not isinstance(align, str):
+        raise TypeError(f"markdown_table: align must be a str of 'l'/'r', got {type(align).__name__}")
+    if len(align) != len(col_names) or set(align) - {"l", "r"}:
+        raise ValueError(f"markdown_table: align must be one of 'l'/'r' per column ({len(col_names)}), got {align!r}")
     header = "| " + " | ".join([_cell(corner)] + [_cell(c) for c in col_names]) + " |"
-    align = "|" + "|".join(["---"] + ["---:"] * len(col_names)) + "|"
+    rule = "|" + "|".join(["---"] + ["---:" if a == "r" else "---" for a in align]) + "|"
     body = ["| " + " | ".join([_cell(name)] + [_fmt(v, fmt) for v in r]) + " |"
             for name, r in zip(row_names, rows)]
-    return "\n".join([header, align] + body)
+    return "\n".join([header, rule] + body)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +276,8 @@ def _labels(z: np.ndarray, decimals: int) -> list[list[str]]:
     return out
 
 
-def plot_affinity(affinity: Any, names: Sequence[str], path: str | Path) -> None:
+def plot_affinity(affinity: Any, names: Sequence[str], path: str | Path, stderr: Any = None,
+                  title: str = "TAG affinity Z[i, j]") -> None:
     """Heatmap of the TAG affinity matrix, saved as PNG at ``path``.
 
     Args:
@@ -276,6 +285,9 @@ def plot_affinity(affinity: Any, names: Sequence[str], path: str | Path) -> None
             loss). NaN cells (not measured) are drawn grey.
         names: the K task names, for both axes.
         path: output PNG path (parent folders are created).
+        stderr: optional (K, K) standard errors: cells whose |Z| is within 2 of them of zero (not
+            distinguishable from no effect) are hatched.
+        title: the figure's title.
 
     The colour map is diverging (blue helps, red hurts) and centred at 0 with a symmetric range
     set by the off-diagonal entries (the diagonal may saturate; the colour bar shows arrows then).
@@ -299,6 +311,12 @@ def plot_affinity(affinity: Any, names: Sequence[str], path: str | Path) -> None
     ax = fig.add_subplot()
     annotations = _labels(shown, decimals) if k <= ANNOTATE_MAX else None
     im = _heatmap(ax, shown, cmap, norm, names, names, annotations, fontsize)
+    if stderr is not None:
+        noise = np.abs(z) < 2 * _as_float_array(stderr, 2, "stderr")
+        for i, j in zip(*np.nonzero(noise)):
+            ax.add_patch(matplotlib.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                                      edgecolor="0.35", linewidth=0))
+        title += "  (hatched: |Z| < 2 standard errors)"
     finite = shown[np.isfinite(shown)]
     extend = {(False, False): "neither", (True, False): "min", (False, True): "max",
               (True, True): "both"}[(bool((finite < -vmax).any()), bool((finite > vmax).any()))]
@@ -307,8 +325,7 @@ def plot_affinity(affinity: Any, names: Sequence[str], path: str | Path) -> None
     cb.ax.tick_params(labelsize=8)
     ax.set_xlabel("target j (loss)", fontsize=fontsize + 1)
     ax.set_ylabel("source i (update)", fontsize=fontsize + 1)
-    ax.set_title(_wrap_title("TAG affinity Z[i, j]" + (f"  (values{unit})" if unit else ""), fig, fontsize + 2),
-                 fontsize=fontsize + 2)
+    ax.set_title(_wrap_title(title + (f"  (values{unit})" if unit else ""), fig, fontsize + 2), fontsize=fontsize + 2)
     _save(fig, path)
 
 
@@ -477,6 +494,53 @@ def _groups_section(groups: Mapping[str, Any], names: list[str], affinity: np.nd
 # ----------------------------------------------------------------------------------------------
 # the report
 # ----------------------------------------------------------------------------------------------
+
+def plot_bootstrap(bootstrap: Mapping[str, Any], names: Sequence[str], path: str | Path) -> None:
+    """For each task, how often a bootstrap over the tracked steps keeps its partners; the line
+    is how often the whole grouping is selected again."""
+    partners = np.asarray(bootstrap["partners"], dtype=np.float64)
+    fig = _figure((max(6.0, 0.55 * len(names) + 2.0), 3.6))
+    ax = fig.subplots()
+    ax.bar(np.arange(len(names)), partners, color=matplotlib.colormaps["tab10"](0))
+    ax.axhline(bootstrap["selected"], color="black", linestyle="--", linewidth=1,
+               label=f"whole grouping reselected: {bootstrap['selected']:.0%}")
+    ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of resamples")
+    ax.set_title(f"Same partners under {bootstrap['n_resamples']} bootstrap resamples of {bootstrap['n_steps']} steps",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="upper right", frameon=False)
+    _save(fig, path)
+
+
+def _bootstrap_section(bootstrap: Mapping[str, Any], names: list[str], out: Path) -> list[str]:
+    plot_bootstrap(bootstrap, names, out / "bootstrap.png")
+    groupings = "; ".join(f"{count / bootstrap['n_resamples']:.0%} " + " ".join(
+        "{" + ", ".join(names[t] for t in g) + "}" for g in groups) for groups, count in bootstrap["groupings"][:3])
+    return ["### How stable is the grouping?", "",
+            f"Resampling the {bootstrap['n_steps']} tracked steps with replacement ({bootstrap['n_resamples']} times) "
+            f"and selecting again chooses the same groups in {bootstrap['selected']:.0%} of the resamples. "
+            f"Most frequent: {groupings}.", "",
+            markdown_table([[p] for p in bootstrap["partners"]], names, ["same partners"], fmt="{:.0%}",
+                           corner="task"), "", "![bootstrap stability](bootstrap.png)", ""]
+
+
+def _signals_section(signals: Mapping[str, Any], names: list[str], out: Path) -> list[str]:
+    lines = ["## Other relatedness signals", "",
+             "Beside TAG's affinity: the first-order estimate lr <g_i, g_j> / L_j from the same steps' per-task "
+             "gradients, and the covariance similarity (Wu, Zhang & Re, ICLR 2020) of the K views of the "
+             "evaluation images, on the inputs and on the trained trunk's features (symmetric, in [0, 1]).", ""]
+    for i, (name, matrix) in enumerate(signals.items()):
+        m = _as_float_array(matrix, 2, name)
+        png = f"signal_{i}.png"
+        if name.startswith("covariance"):
+            plot_accuracy_matrix(m, names, names, out / png, f"covariance similarity, {name[len('covariance '):]}")
+        else:
+            plot_affinity(m, names, out / png, title=f"{name} estimate of Z[i, j]")
+        lines += [f"### {name}", "", markdown_table(m, names, names, fmt=_number_format(m), corner=""), "",
+                  f"![{name}]({png})", ""]
+    return lines
+
 
 def _pm(mean: float, ci: float, fmt: str = "{:.3f}") -> str:
     """'mean ± half-width' (the half-width of a 95% interval), 'mean' alone when it is undefined."""
@@ -698,15 +762,26 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any]) -> Path:
             lines += [f"Affinity not shown: its shape {z.shape} does not match the {k} task names.", ""]
         else:
             affinity = z
-            plot_affinity(affinity, names, out / "affinity.png")
-            what = ("Z[i, j]: effect of source task i's update (row) on target task j's loss (column); "
-                    "> 0 helps.")
+            stderr = results.get("stderr")
+            plot_affinity(affinity, names, out / "affinity.png", stderr=stderr)
+            what = (f"Definition: {results['definition']}. " if results.get("definition") else "") + (
+                "Z[i, j]: effect of source task i's update (row) on target task j's loss (column); > 0 helps.")
             if steps is not None:
-                what += f" Running mean over {int(steps)} affinity step{'s' if int(steps) != 1 else ''}."
-            lines += [what, "",
-                      markdown_table(affinity, names, names, fmt=_number_format(affinity),
-                                     corner="source ↓ / target →"), "",
-                      "![TAG affinity](affinity.png)", ""]
+                what += f" Mean over {int(steps)} affinity step{'s' if int(steps) != 1 else ''}."
+            lines += [what, ""]
+            if stderr is not None:
+                se = _as_float_array(stderr, 2, "stderr")
+                noise = np.abs(affinity) < 2 * se
+                lines += [f"Each entry with its standard error over the steps; {int(noise.sum())} of {k * k} "
+                          "entries lie within 2 standard errors of zero (hatched in the figure): their sign is "
+                          "not established by this run.", "",
+                          markdown_table([[f"{_fmt(v, _number_format(affinity))} ± {_fmt(e, '{:.1e}')}"
+                                           for v, e in zip(row, erow)] for row, erow in zip(affinity, se)],
+                                         names, names, corner="source ↓ / target →"), ""]
+            else:
+                lines += [markdown_table(affinity, names, names, fmt=_number_format(affinity),
+                                         corner="source ↓ / target →"), ""]
+            lines += ["![TAG affinity](affinity.png)", ""]
 
     # -- pairwise errors (the HOA input), when the run trained every pair
     if results.get("pair_error") is not None:
@@ -720,6 +795,10 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any]) -> Path:
     # -- groups
     if results.get("groups"):
         lines += _groups_section(results["groups"], names, affinity)
+    if results.get("bootstrap"):
+        lines += _bootstrap_section(results["bootstrap"], names, out)
+    if results.get("signals"):
+        lines += _signals_section(results["signals"], names, out)
     hoa = (results.get("hoa_groups") or {}).get("groups")
     if hoa:
         if not results.get("groups"):

@@ -18,7 +18,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,10 +51,14 @@ class RunConfig:
     model: str = "hard"
     trunk: str = "resnet"
     width: int = 8
+    align_steps: int | None = None
+    soft_lambda: float = 1.0
+    amp: str | None = None
     weighting: str = "sum"
     strategy: str = "joint"
     affinity_every: int | None = 10
     affinity_mode: str = "exact"
+    affinity_baseline: str = "shared_step"
     budget: int = 3
     device: str = "cpu"
     seed: int = 0
@@ -80,6 +84,16 @@ class RunConfig:
             raise ValueError(f"epochs must be a finite number > 0, got {self.epochs}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.affinity_baseline not in ("tag", "shared_step"):
+            raise ValueError(f"affinity_baseline must be 'tag' or 'shared_step', got {self.affinity_baseline!r}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
+        if self.align_steps is not None and self.align_steps < 0:
+            raise ValueError(f"align_steps must be >= 0, got {self.align_steps}")
+        if not (math.isfinite(self.soft_lambda) and self.soft_lambda >= 0):
+            raise ValueError(f"soft_lambda must be a finite number >= 0, got {self.soft_lambda}")
+        if self.model not in ("hard", "onehot", "gating", "film", "moe", "aligned", "soft"):
+            raise ValueError(f"model must be hard, onehot, gating, film, moe, aligned or soft, got {self.model!r}")
         if self.strategy not in ("joint", "stgu"):
             raise ValueError(f"strategy must be 'joint' or 'stgu', got {self.strategy!r}")
         if self.protocol not in ("default", "paper"):
@@ -188,28 +202,74 @@ def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> torc
     return perm[index * batch_size : (index + 1) * batch_size]
 
 
-def build_engine(config: RunConfig, task_names: Sequence[str], data: Dataset, device: torch.device) -> MTDLEngine:
-    """Model, optimizer, weighting and engine for one training run on `task_names`."""
+@dataclass
+class Run:
+    """An engine and what its training loop must call before each step (the alignment schedule)."""
+
+    engine: MTDLEngine
+    before_step: Callable[[int], object] | None = None
+
+
+# The per-task alignment matrices learn at this fraction of the learning rate: at the full rate
+# they move the embedding faster than the trunk can follow (measured on the digits, 10 tasks,
+# 3 seeds: 0.877 accuracy at lr, 0.939 at lr / 10, hard sharing 0.955).
+ALIGNMENT_LR_SCALE = 0.1
+
+
+def build_run(config: RunConfig, task_names: Sequence[str], data: Dataset, device: torch.device) -> Run:
+    """Model, optimizer, weighting, engine (and alignment schedule) for one training run."""
     from mtdl_fast.research.conditioning import build_model
     from mtdl_fast.research.stgu import SelectiveGroupUpdates
     from mtdl_fast.research.weighting import make_weighting
 
     torch.manual_seed(config.seed)
+    k = len(task_names)
     channels = data.x_train.shape[1]
-    model = build_model(config.model, len(task_names), data.num_classes, channels, config.image_size,
-                        trunk=config.trunk, width=config.width).to(device)
-    weighting = make_weighting(config.weighting, len(task_names)).to(device)
-    params = [*model.parameters(), *weighting.parameters()]
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    kind = "hard" if config.model in ("aligned", "soft") else config.model
+    model = build_model(kind, k, data.num_classes, channels, config.image_size, trunk=config.trunk,
+                        width=config.width)
+    trunk, affinity_every = model.trunk, config.affinity_every if k > 1 else None
+    if config.model == "aligned":
+        from mtdl_fast.research.alignment import CovarianceAlignedTrunk
+
+        # the ResNet's stem embedding, or the MLP's input channels (it has no stem)
+        trunk = (CovarianceAlignedTrunk(trunk, k, layer="stem") if config.trunk == "resnet"
+                 else CovarianceAlignedTrunk(trunk, k, layer=None, channels=channels))
+    elif config.model == "soft":
+        from mtdl_fast.research.soft_sharing import SoftSharedTrunk
+
+        trunk = SoftSharedTrunk(trunk, k, config.soft_lambda)
+        affinity_every = None  # every trunk parameter is per task: no shared update to measure
+    trunk, heads = trunk.to(device), model.heads.to(device)
+    weighting = make_weighting(config.weighting, k).to(device)
+    groups = [{"params": [*heads.parameters(), *weighting.parameters()]}]
+    if config.model == "aligned":
+        groups += [{"params": [trunk.alignment], "lr": config.lr * ALIGNMENT_LR_SCALE},
+                   {"params": [p for n, p in trunk.named_parameters() if n != "alignment"]}]
+    else:
+        groups.append({"params": list(trunk.parameters())})
+    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     tasks = DistributionTasks(list(task_names), seed=dist_utils.rank_seed(config.seed))
     strategy: str | SelectiveGroupUpdates = config.strategy
     if config.strategy == "stgu":  # warm-up: a quarter of the run
         warmup = max(1, total_steps(config, data) // 4)
-        strategy = SelectiveGroupUpdates(model.trunk, model.heads, optimizer, warmup=warmup,
+        strategy = SelectiveGroupUpdates(trunk, heads, optimizer, warmup=warmup,
                                          generator=torch.Generator().manual_seed(0))
-    return MTDLEngine(tasks, model.trunk, model.heads, optimizer, weighting=weighting,
-                      affinity_every=config.affinity_every if len(task_names) > 1 else None,
-                      affinity_mode=config.affinity_mode, strategy=strategy)
+    engine = MTDLEngine(tasks, trunk, heads, optimizer, weighting=weighting, affinity_every=affinity_every,
+                        affinity_mode=config.affinity_mode, strategy=strategy, amp=config.amp,
+                        affinity_baseline=config.affinity_baseline if config.affinity_mode == "exact" else "tag",
+                        affinity_seed=config.seed)
+    if config.model != "aligned":
+        return Run(engine)
+    from mtdl_fast.research.alignment import AlignmentSchedule
+
+    align = config.align_steps if config.align_steps is not None else total_steps(config, data) // 4
+    return Run(engine, AlignmentSchedule(trunk, optimizer, align).update)
+
+
+def build_engine(config: RunConfig, task_names: Sequence[str], data: Dataset, device: torch.device) -> MTDLEngine:
+    """The engine of `build_run` (for evaluating a checkpoint: no training loop, no schedule)."""
+    return build_run(config, task_names, data, device).engine
 
 
 def total_steps(config: RunConfig, data: Dataset) -> int:
@@ -227,12 +287,17 @@ def train(
     out_dir: Path | None = None,
     start_step: int = 0,
     label: str = "train",
+    before_step: Callable[[int], object] | None = None,
+    after_step: Callable[[MTDLEngine, dict], object] | None = None,
+    extra_state: Callable[[], dict] | None = None,
 ) -> list[dict]:
     """Run the engine from `start_step` to the configured number of steps.
 
     Writes metrics rows (and checkpoints every `checkpoint_every` steps and on Ctrl-C) into
     out_dir when given (rank 0 only; checkpoints hold every rank's augmentation stream). Each
-    rank steps on its slice of the global batch. Returns the metrics rows of this call.
+    rank steps on its slice of the global batch. `before_step(step)` runs before each step (e.g. an
+    alignment schedule), `after_step(engine, info)` after it; `extra_state()` is saved with each
+    checkpoint (what after_step accumulates). Returns the metrics rows of this call.
     """
     steps = total_steps(config, data)
     shard = dist_utils.check_divisible(config.batch_size)
@@ -250,7 +315,11 @@ def train(
                 idx = batch_indices(data.x_train.shape[0], config.batch_size, step, config.seed)[first : first + shard]
                 x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
                 t0 = time.perf_counter()
+                if before_step is not None:
+                    before_step(step)
                 loss, info = engine.step(x, y)
+                if after_step is not None:
+                    after_step(engine, info)
                 loss_value = float(loss)
                 rate = x.shape[0] * dist_utils.world_size() / max(time.perf_counter() - t0, 1e-9)
                 row = {"step": step + 1, "loss": loss_value, "losses": [float(v) for v in info["losses"]],
@@ -264,7 +333,8 @@ def train(
                 if out_dir is not None and ((step + 1) % config.checkpoint_every == 0 or done):
                     if metrics_file is not None:
                         metrics_file.flush()
-                    save_run_checkpoint(out_dir / "checkpoint.pt", config, engine, step + 1)
+                    save_run_checkpoint(out_dir / "checkpoint.pt", config, engine, step + 1,
+                                        extra=None if extra_state is None else extra_state())
                 if stop.requested:
                     raise KeyboardInterrupt
         finally:
@@ -297,18 +367,22 @@ class _StopAtStepBoundary:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def save_run_checkpoint(path: Path, config: RunConfig, engine: MTDLEngine, step: int) -> None:
-    """Rank 0 writes the engine's state and every rank's augmentation stream (a collective: every
-    rank calls it)."""
+def save_run_checkpoint(path: Path, config: RunConfig, engine: MTDLEngine, step: int,
+                        extra: dict | None = None) -> None:
+    """Rank 0 writes the engine's state, every rank's augmentation stream and `extra` (the run's
+    own accumulators) (a collective: every rank calls it)."""
     streams = dist_utils.gather_objects(engine.tasks.state_dict())
     if dist_utils.is_main():
         save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "step": step,
-                               "engine": engine.state_dict(), "world_size": len(streams), "tasks_by_rank": streams})
+                               "engine": engine.state_dict(), "world_size": len(streams), "tasks_by_rank": streams,
+                               "extra": extra})
 
 
-def load_run_checkpoint(path: str | Path, config: RunConfig, engine: MTDLEngine) -> int:
+def load_run_checkpoint(path: str | Path, config: RunConfig, engine: MTDLEngine,
+                        load_extra: Callable[[dict], object] | None = None) -> int:
     """Load a `mtdl-fast run` checkpoint into `engine` (this rank's augmentation stream
-    included); returns the step it was written at. CheckpointError when it does not fit."""
+    included) and its `extra` into `load_extra`; returns the step it was written at.
+    CheckpointError when it does not fit."""
     state = load_checkpoint(path)
     _check_resume(state, config, Path(path))
     world = int(state.get("world_size", 1))
@@ -318,6 +392,8 @@ def load_run_checkpoint(path: str | Path, config: RunConfig, engine: MTDLEngine)
     load_engine_state(engine, state, path)
     if "tasks_by_rank" in state:
         engine.tasks.load_state_dict(state["tasks_by_rank"][dist_utils.rank()])
+    if load_extra is not None and state.get("extra") is not None:
+        load_extra(state["extra"])
     return int(state["step"])
 
 
@@ -329,6 +405,8 @@ def evaluate(
     """Accuracy (len(trained) + 1, E): row k = head of trained distribution k, last row = the model's
     prediction for each eval distribution (its own head where it trained on it, else the mean of
     its heads' softmax). Eval views use fixed parameters drawn from `seed`."""
+    from mtdl_fast.lookahead import is_task_aware
+
     trunk, heads = engine.trunk, engine.heads
     modes = [m.training for m in (trunk, *heads)]
     trunk.eval(), heads.eval()
@@ -338,7 +416,10 @@ def evaluate(
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         views = eval_tasks(xb)
         for e, name in enumerate(eval_names):
-            probs = torch.stack([F.softmax(head(trunk(views[e])), -1) for head in heads])
+            with engine.autocast():  # evaluate in the precision the model trained in
+                shared = None if is_task_aware(trunk) else trunk(views[e])
+                logits = [head(trunk(views[e], k) if shared is None else shared) for k, head in enumerate(heads)]
+            probs = torch.stack([F.softmax(z.float(), -1) for z in logits])
             correct[:-1, e] += (probs.argmax(-1) == yb).sum(-1).cpu().numpy()
             own = list(trained).index(name) if name in trained else None
             pred = probs[own] if own is not None else probs.mean(0)
@@ -414,7 +495,6 @@ def run(config: RunConfig, out_dir: str | Path, resume: str | Path | None = None
 
 def _run(config: RunConfig, out: Path, resume: str | Path | None) -> dict:
     from mtdl_fast.app.reports import write_report
-    from mtdl_fast.grouping import select_groups
 
     device = dist_utils.init_from_env(resolve_device(config.device))
     main = dist_utils.is_main()
@@ -424,42 +504,38 @@ def _run(config: RunConfig, out: Path, resume: str | Path | None) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
     names = list(config.tasks)
-    engine = build_engine(config, names, data, device)
+    run_parts = build_run(config, names, data, device)
+    engine = run_parts.engine
+    from mtdl_fast.app.signals import RelatednessSignals
+
+    signals = RelatednessSignals(config.lr)
     start = 0
     if resume is not None:
-        start = load_run_checkpoint(resume, config, engine)
+        start = load_run_checkpoint(resume, config, engine, load_extra=signals.load_state_dict)
         if main:
             kept = _read_metrics(out / "metrics.jsonl", upto=start)
             (out / "metrics.jsonl").write_text("".join(json.dumps(_jsonable(r), allow_nan=False) + "\n" for r in kept))
     if main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, allow_nan=False) + "\n")
     began = time.perf_counter()
-    trained = train(config, engine, data, device, out_dir=out, start_step=start, label="all tasks")
+    trained = train(config, engine, data, device, out_dir=out, start_step=start, label="all tasks",
+                    before_step=run_parts.before_step, after_step=signals.after_step, extra_state=signals.state_dict)
     train_seconds = time.perf_counter() - began
-    measured = engine.tracker is not None and engine.tracker.steps > 0
-    affinity = engine.tracker.affinity.cpu().numpy() if measured else None
-    grouping = None
-    if measured:
-        grouping = dist_utils.broadcast_object(
-            select_groups(np.nan_to_num(affinity), budget=min(config.budget, len(names)), names=names)
-            if main else None)
-    group_record = None if grouping is None else {
-        "groups": grouping.groups, "serving": list(grouping.serving), "score": float(grouping.score),
-        "method": "tag", "names": names}
     x_eval, y_eval = data.x_test[: config.eval_size].to(device), data.y_test[: config.eval_size].to(device)
     acc = evaluate(engine, names, names, x_eval, y_eval, config.seed)
+    affinity = _affinity_record(config, engine, names) if engine.tracker is not None else None
+    if affinity is not None:
+        affinity["signals"] = signals.matrices(engine, names, x_eval, config.seed)
     paper = None
-    if config.protocol == "paper" and grouping is not None:
+    if config.protocol == "paper" and affinity is not None:
         from mtdl_fast.app.protocol import paper_protocol
 
-        paper = paper_protocol(config, names, data, device, (engine, acc[-1]), x_eval, y_eval)
+        paper = paper_protocol(config, names, data, device, (engine, acc[-1], affinity["signals"]), x_eval, y_eval)
     if not main:
         return dist_utils.broadcast_object(None)
     metrics = _read_metrics(out / "metrics.jsonl")
-    if measured:
-        np.save(out / "affinity.npy", affinity)
-        np.savetxt(out / "affinity.csv", affinity, delimiter=",", header=",".join(names), comments="")
-        (out / "groups.json").write_text(json.dumps(group_record, indent=2) + "\n")
+    if affinity is not None:
+        _write_affinity_files(out, names, affinity)
     if engine.group_updates is not None:
         groups = engine.group_updates.groups
         (out / "stgu.json").write_text(json.dumps({"groups": groups, "names": names}, indent=2) + "\n")
@@ -467,14 +543,16 @@ def _run(config: RunConfig, out: Path, resume: str | Path | None) -> dict:
         "names": names,
         "config": dataclasses.asdict(config),
         "data": _describe_data(config, data, x_eval.shape[0]),
-        "affinity": affinity,
+        "affinity": None if affinity is None else affinity["mean"],
         "affinity_steps": engine.tracker.steps if engine.tracker is not None else 0,
-        "groups": group_record,
+        "groups": None if affinity is None else affinity["groups"],
         "accuracy_matrices": [{"rows": [f"head {n}" for n in names] + ["model"], "cols": names, "matrix": acc,
                                "title": "All tasks together: accuracy of each head on each distribution"}],
         "metrics": metrics,
         "skipped_steps": engine.skipped_steps,
     }
+    if affinity is not None:
+        results.update({key: affinity[key] for key in ("definition", "stderr", "bootstrap", "signals")})
     if paper is not None:
         results["accuracy_matrices"].append(paper.pop("shift"))
         results.update(paper)
@@ -487,6 +565,59 @@ def _run(config: RunConfig, out: Path, resume: str | Path | None) -> dict:
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
     write_report(out, results)
     return dist_utils.broadcast_object(results)
+
+
+AFFINITY_DEFINITIONS = {
+    "tag": "Z[i, j] = 1 - L_j(theta + u(g_i)) / L_j(theta): TAG's lookahead affinity (Fifty et al., 2021), "
+           "u the previewed optimizer update",
+    "shared_step": "Z[i, j] = 1 - L_j(theta + u(g_i)) / L_j(theta + u(0)): the lookahead against the step "
+                   "every source shares (u(0), the momentum term), u the previewed optimizer update",
+    "first_order": "Z[i, j] ~= lr <g_i, g_j> / L_j: the first-order estimate of TAG's lookahead affinity",
+}
+
+
+def _affinity_record(config: RunConfig, engine: MTDLEngine, names: list[str]) -> dict | None:
+    """What the run measured about its tasks' affinity: the mean Z over the tracked steps, its
+    standard error, the TAG groups and how stable a bootstrap over the steps finds them; None when
+    nothing was measured (a single task, tracking off, or every step skipped)."""
+    from mtdl_fast.grouping import bootstrap_groups, select_groups
+
+    tracker = engine.tracker
+    if tracker.steps == 0:
+        return None
+    mean = tracker.affinity.cpu().numpy()
+    budget = min(config.budget, len(names))
+    grouping = dist_utils.broadcast_object(
+        select_groups(np.nan_to_num(mean), budget=budget, names=names) if dist_utils.is_main() else None)
+    record = {"mean": mean, "history": tracker.history.cpu().numpy(), "stderr": None, "bootstrap": None,
+              "definition": AFFINITY_DEFINITIONS["first_order" if config.affinity_mode == "first_order"
+                                                 else tracker.baseline],
+              "groups": {"groups": grouping.groups, "serving": list(grouping.serving), "score": float(grouping.score),
+                         "method": "tag", "names": names}}
+    if tracker.steps >= 2:
+        record["stderr"] = tracker.affinity_stderr.cpu().numpy()
+        boot = bootstrap_groups(record["history"], budget, seed=config.seed, names=names)
+        record["bootstrap"] = {"selected": boot.selected, "partners": boot.partners, "n_resamples": boot.n_resamples,
+                               "n_steps": boot.n_steps, "groupings": [[g, c] for g, c in boot.groupings[:10]]}
+        record["groups"]["bootstrap_selected"] = boot.selected
+    return record
+
+
+def _write_affinity_files(out: Path, names: list[str], affinity: dict) -> None:
+    """affinity.npy/.csv (the mean Z; the CSV's first line states the definition), its standard
+    error, the per-step matrices and each other signal as CSV, and groups.json."""
+    header = f"# {affinity['definition']}; source i (row) onto target j (column)\n" + ",".join(names)
+    np.save(out / "affinity.npy", affinity["mean"])
+    np.savetxt(out / "affinity.csv", affinity["mean"], delimiter=",", header=header, comments="")
+    np.save(out / "affinity_steps.npy", affinity["history"])
+    if affinity["stderr"] is not None:
+        np.savetxt(out / "affinity_stderr.csv", affinity["stderr"], delimiter=",",
+                   header=f"# standard error of the mean Z over the tracked steps\n{','.join(names)}", comments="")
+    for name, matrix in affinity["signals"].items():
+        slug = name.replace(" (", "_").replace(")", "").replace(" ", "_")
+        np.savetxt(out / f"signal_{slug}.csv", matrix, delimiter=",", header=f"# {name}\n{','.join(names)}",
+                   comments="")
+    (out / "groups.json").write_text(json.dumps(_jsonable(affinity["groups"]), indent=2, allow_nan=False) + "\n")
 
 
 def _describe_data(config: RunConfig, data: Dataset, eval_images: int) -> dict:
