@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it (None: the name is itself a submodule)
 _EXPORTS: dict[str, str | None] = {
     "AffinityTracker": "mtdl_fast.affinity",
+    "BootstrapResult": "mtdl_fast.grouping",
     "DEFAULT_TASKS": "mtdl_fast.tasks",
     "DistributionTasks": "mtdl_fast.tasks",
     "GroupingResult": "mtdl_fast.grouping",
@@ -25,11 +26,13 @@ _EXPORTS: dict[str, str | None] = {
     "SelectiveGroupUpdates": "mtdl_fast.research.stgu",
     "TaskParams": "mtdl_fast.tasks",
     "TaskSpec": "mtdl_fast.tasks",
+    "bootstrap_groups": "mtdl_fast.grouping",
     "make_weighting": "mtdl_fast.research.weighting",
     "select_groups": "mtdl_fast.grouping",
     "engine": None,
     "functional": None,
     "grouping": None,
+    "loader": None,
     "models": None,
     "research": None,
     "tasks": None,

@@ -401,14 +401,17 @@ def plot_curves(metrics: Sequence[Mapping[str, Any]], path: str | Path,
             ax.plot(x, y, color=colour, linewidth=1.4, marker="o" if len(x) < 15 else None,
                     markersize=3, label=label)
 
+    def frame(ax, title: str, empty: str | None) -> None:
+        if empty is not None:
+            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+
     if n:
         draw(ax_total, steps, loss, "black", "total")
-    else:
-        ax_total.text(0.5, 0.5, "no training rows", ha="center", va="center", transform=ax_total.transAxes)
-    ax_total.set_title("total loss")
-    ax_total.set_xlabel("step")
-    ax_total.set_ylabel("loss")
-    ax_total.grid(alpha=0.3)
+    frame(ax_total, "total loss", None if n else "no training rows")
 
     if k:
         x = np.array([float(m["step"]) for m in loss_rows])
@@ -422,12 +425,7 @@ def plot_curves(metrics: Sequence[Mapping[str, Any]], path: str | Path,
         ncol = 1 if k <= 12 else 2
         ax_tasks.legend(fontsize=8 if k <= 8 else 7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                         borderaxespad=0.0, frameon=False, ncol=ncol)
-    else:
-        ax_tasks.text(0.5, 0.5, "no per-task losses", ha="center", va="center", transform=ax_tasks.transAxes)
-    ax_tasks.set_title("per-task loss")
-    ax_tasks.set_xlabel("step")
-    ax_tasks.set_ylabel("loss")
-    ax_tasks.grid(alpha=0.3)
+    frame(ax_tasks, "per-task loss", None if k else "no per-task losses")
     _save(fig, path)
 
 
