@@ -1,7 +1,7 @@
 """The affinity step's reductions (``mtdl_fast.reductions``: the C++/CUDA extension and its PyTorch twin)
 against the plain training step they ride along with (K = 10, ResNet-8: the affinity benchmark's
 problem) on ``--device`` (cpu by default; ``make gpu-check`` passes cuda). Guard: the extension equals
-the twin (affinity_update to the last bit, gram to float64 rounding). Target: under 1% of a plain step.
+the twin (affinity_moments to the last bit, gram to float64 rounding). Target: under 1% of a plain step.
 The Gram matrix's floor: reading the (K, P) float32 gradients once at the measured copy bandwidth."""
 import pytest
 import torch
@@ -10,15 +10,17 @@ from benchmarks import affinity, common
 from mtdl_fast import reductions
 
 K = 10
-CONTENDERS = ["plain step", "affinity_update", "affinity_update (torch twin)", "gram", "gram (torch twin)"]
+CONTENDERS = ["plain step", "affinity_moments", "affinity_moments (torch twin)", "gram", "gram (torch twin)"]
 
 
-def _affinity_update_args(device: torch.device):
-    """Base losses (K,), lookahead losses (K, K) (fresh, positive) and a zero running state."""
+def _affinity_moments_args(device: torch.device):
+    """Base losses (K,), lookahead losses (K, K) (fresh, positive), a zero count and zero moments,
+    and the decay the tracker's EMA mode uses."""
     gen = torch.Generator().manual_seed(2)
     base, lookahead = ((torch.rand(s, generator=gen, dtype=torch.float64) + 1.5).to(device) for s in ((K,), (K, K)))
-    total, count = torch.zeros(K, K, dtype=torch.float64, device=device), torch.zeros(K, K, dtype=torch.int64)
-    return base, lookahead, total, count.to(device)
+    count = torch.zeros(K, K, dtype=torch.int64, device=device)
+    moments = torch.zeros(4, K, K, dtype=torch.float64, device=device)
+    return base, lookahead, count, moments, 0.9
 
 
 @pytest.mark.parametrize("contender", CONTENDERS)
@@ -32,12 +34,15 @@ def test_reductions(benchmark, device: torch.device, quick: bool, contender: str
         info["role"] = "reference"
     elif reductions._compiled_for(device) is None:
         pytest.skip(f"mtdl_fast._C is not built for {device}")
-    elif contender.startswith("affinity_update"):
-        z, z_twin = (reductions.affinity_update(*_affinity_update_args(device), backend=b)[0]
-                     for b in ("extension", "torch"))
-        assert torch.equal(z, z_twin), "affinity_update: the extension and the twin differ"
-        args = _affinity_update_args(device)
-        fn = lambda: reductions.affinity_update(*args, backend=backend)  # noqa: E731
+    elif contender.startswith("affinity_moments"):
+        states = {name: _affinity_moments_args(device) for name in ("extension", "torch")}
+        for _ in range(3):  # a few steps, so the guard sees the update of a non-zero state
+            for name, state in states.items():
+                reductions.affinity_moments(*state, backend=name)
+        same = all(torch.equal(a, b) for a, b in zip(states["extension"][2:4], states["torch"][2:4]))
+        assert same, "affinity_moments: the extension and the twin differ"
+        args = _affinity_moments_args(device)
+        fn = lambda: reductions.affinity_moments(*args, backend=backend)  # noqa: E731
         info["note"] = "extension == twin, to the last bit"
     else:
         fn = lambda: reductions.gram(grads, backend=backend)  # noqa: E731

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace mtdl {
@@ -25,9 +26,17 @@ bool is_loss_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t K, const at::Device& device) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == K && t.size(1) == K, name, " must have shape (", K, ", ", K,
-              "), got ", t.sizes());
+// "(a, b, ...)": a shape as Python writes it, so these messages read like the Python layer's.
+std::string shape_text(at::IntArrayRef shape) {
+  std::string text = "(";
+  for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + ")";
+}
+
+// A buffer the caller allocated and the reductions write in place: shape, dtype, device and layout.
+void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
+                  const at::Device& device) {
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape_text(shape), ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
@@ -48,9 +57,10 @@ int64_t check_losses(const at::Tensor& base, const at::Tensor& lookahead) {
   return K;
 }
 
-// The decay in (0, 1), or -1 when unset.
-double checked_decay(std::optional<double> decay) {
-  if (!decay.has_value()) return -1.0;
+// The share of its weight an observation keeps per later observation: the decay, checked to lie in
+// (0, 1), or 1 when unset (every weight 1: Welford).
+double checked_keep(std::optional<double> decay) {
+  if (!decay.has_value()) return 1.0;
   TORCH_CHECK(*decay > 0.0 && *decay < 1.0, "decay must be in (0, 1), got ", *decay);
   return *decay;
 }
@@ -79,48 +89,10 @@ inline bool step_z(double l, double v, double& zz) {
   return std::isfinite(l) && l > 0.0 && std::isfinite(v) && std::isfinite(zz);
 }
 
-int64_t affinity_update_cpu(const at::Tensor& base, const at::Tensor& lookahead, const at::Tensor& total,
-                            const at::Tensor& count, double decay, const at::Tensor& z) {
-  const int64_t K = base.numel();
-  // Every supported dtype converts to float64 exactly, so converting first changes nothing.
-  const at::Tensor b64 = base.to(at::kDouble).contiguous();
-  const at::Tensor la64 = lookahead.to(at::kDouble).contiguous();
-  const double* L = b64.const_data_ptr<double>();
-  const double* LA = la64.const_data_ptr<double>();
-  double* S = total.mutable_data_ptr<double>();
-  int64_t* C = count.mutable_data_ptr<int64_t>();
-  double* Z = z.mutable_data_ptr<double>();
-  const bool ema = decay >= 0.0;
-  const double keep = decay, take = 1.0 - decay;  // same operations, same order as the CUDA kernel
-  int64_t skipped = 0;
-  for (int64_t i = 0; i < K; ++i) {
-    for (int64_t j = 0; j < K; ++j) {
-      const int64_t e = i * K + j;
-      double zz;
-      if (!step_z(L[j], LA[e], zz)) {
-        Z[e] = std::numeric_limits<double>::quiet_NaN();
-        ++skipped;
-        continue;
-      }
-      Z[e] = zz;
-      if (!ema) {
-        S[e] = S[e] + zz;
-      } else if (C[e] == 0) {
-        S[e] = zz;
-      } else {
-        const double old_part = keep * S[e];
-        const double new_part = take * zz;
-        S[e] = old_part + new_part;
-      }
-      C[e] += 1;
-    }
-  }
-  return skipped;
-}
-
 int64_t affinity_moments_cpu(const at::Tensor& base, const at::Tensor& lookahead, const at::Tensor& count,
                              const at::Tensor& moments, double keep, const at::Tensor& z) {
   const int64_t K = base.numel(), KK = K * K;
+  // Every supported dtype converts to float64 exactly, so converting first changes nothing.
   const at::Tensor b64 = base.to(at::kDouble).contiguous();
   const at::Tensor la64 = lookahead.to(at::kDouble).contiguous();
   const double* L = b64.const_data_ptr<double>();
@@ -223,47 +195,14 @@ void gram_cpu(const at::Tensor& x, const at::Tensor& out) {
 
 // ---- entry points -----------------------------------------------------------------------------------
 
-at::Tensor affinity_update(const at::Tensor& base, const at::Tensor& lookahead, const at::Tensor& total,
-                           const at::Tensor& count, std::optional<double> decay, const at::Tensor& z) {
-  const int64_t K = check_losses(base, lookahead);
-  const at::Device device = base.device();
-  check_state(total, "total", at::kDouble, K, device);
-  check_state(count, "count", at::kLong, K, device);
-  check_state(z, "z", at::kDouble, K, device);
-  const double d = checked_decay(decay);  // < 0: running sum
-  if (device.is_cuda()) {
-#ifdef MTDL_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(device);
-    const at::Tensor b = base.contiguous(), la = lookahead.contiguous();
-    at::Tensor skipped = at::empty({}, base.options().dtype(at::kLong));
-    C10_CUDA_CHECK(static_cast<cudaError_t>(affinity_update_cuda(
-        b.const_data_ptr(), dtype_code(b.scalar_type()), la.const_data_ptr(), dtype_code(la.scalar_type()), K,
-        total.mutable_data_ptr<double>(), count.mutable_data_ptr<int64_t>(), d, z.mutable_data_ptr<double>(),
-        skipped.mutable_data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream(device.index()).stream())));
-    return skipped;
-#else
-    TORCH_CHECK(false, "mtdl_fast._C was built without CUDA; got tensors on ", device);
-#endif
-  }
-  TORCH_CHECK(device.is_cpu(), "affinity_update supports CPU and CUDA tensors, got ", device);
-  const int64_t skipped = affinity_update_cpu(base, lookahead, total, count, d, z);
-  return at::scalar_tensor(skipped, at::TensorOptions().dtype(at::kLong));
-}
-
 at::Tensor affinity_moments(const at::Tensor& base, const at::Tensor& lookahead, const at::Tensor& count,
                             const at::Tensor& moments, std::optional<double> decay, const at::Tensor& z) {
   const int64_t K = check_losses(base, lookahead);
   const at::Device device = base.device();
-  check_state(count, "count", at::kLong, K, device);
-  TORCH_CHECK(moments.dim() == 3 && moments.size(0) == 4 && moments.size(1) == K && moments.size(2) == K,
-              "moments must have shape (4, ", K, ", ", K, "), got ", moments.sizes());
-  TORCH_CHECK(moments.scalar_type() == at::kDouble, "moments must be ", at::kDouble, ", got ",
-              moments.scalar_type());
-  TORCH_CHECK(moments.device() == device, "moments must be on ", device, ", got ", moments.device());
-  TORCH_CHECK(moments.is_contiguous(), "moments must be contiguous");
-  check_state(z, "z", at::kDouble, K, device);
-  const double d = checked_decay(decay);
-  const double keep = d < 0.0 ? 1.0 : d;  // no decay: every weight 1 (Welford)
+  check_buffer(count, "count", at::kLong, {K, K}, device);
+  check_buffer(moments, "moments", at::kDouble, {4, K, K}, device);
+  check_buffer(z, "z", at::kDouble, {K, K}, device);
+  const double keep = checked_keep(decay);
   if (device.is_cuda()) {
 #ifdef MTDL_WITH_CUDA
     const c10::cuda::CUDAGuard guard(device);
@@ -288,7 +227,7 @@ void gram(const at::Tensor& grads, const at::Tensor& out) {
   TORCH_CHECK(is_loss_dtype(grads.scalar_type()), "grads must be float32, float64, float16 or bfloat16, got ",
               grads.scalar_type());
   const int64_t K = grads.size(0);
-  check_state(out, "out", at::kDouble, K, grads.device());
+  check_buffer(out, "out", at::kDouble, {K, K}, grads.device());
   const at::Tensor x = grads.contiguous();
   if (x.is_cuda()) {
 #ifdef MTDL_WITH_CUDA

@@ -23,18 +23,10 @@ namespace mtdl {
 // Z[i, j] = 1 - lookahead[i, j] / base[j], computed in float64, written to `z` (K, K) float64 with
 // NaN where the entry is invalid. An entry is valid when base[j] is finite and > 0, lookahead[i, j]
 // is finite, and the resulting Z is finite (the last only fails for float64 inputs near overflow).
-// Valid entries update the running state in place:
-//   decay unset: total += Z, count += 1                     (running sum; mean = total / count)
-//   decay d:     total = Z if count == 0 else d * total + (1 - d) * Z, count += 1   (EMA)
-// Invalid entries leave total and count unchanged. Returns the number of invalid entries as a
-// 0-dim int64 tensor on the inputs' device (no host synchronisation on CUDA).
-at::Tensor affinity_update(const at::Tensor& base, const at::Tensor& lookahead, const at::Tensor& total,
-                           const at::Tensor& count, std::optional<double> decay, const at::Tensor& z);
-
-// The same step Z (same validity rule, same float64 operations) folded into per-entry running
-// moments instead: moments (4, K, K) float64 holds [mean, m2, weight, weight_sq] of the valid Z
-// observations of each entry, count (K, K) int64 their number. With keep = decay (or 1 when unset),
-// a valid observation z makes, in this order of float64 operations:
+// Valid entries are folded into per-entry running moments in place: moments (4, K, K) float64 holds
+// [mean, m2, weight, weight_sq] of the valid Z observations of each entry, count (K, K) int64 their
+// number. With keep = decay (or 1 when unset), a valid observation z makes, in this order of float64
+// operations:
 //   weight' = keep * weight + 1,  weight_sq' = (keep * keep) * weight_sq + 1,
 //   delta = z - mean,  mean' = mean + delta / weight',  m2' = keep * m2 + delta * (z - mean')
 // i.e. West's weighted update with the past observations' weights scaled by keep (Welford when
@@ -54,9 +46,6 @@ void gram(const at::Tensor& grads, const at::Tensor& out);
 // CUDA launchers (affinity_cuda.cu), on raw device pointers: affinity.cpp checks the tensors,
 // allocates, picks the device and stream and checks the returned cudaError_t (as int).
 enum DtypeCode : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
-
-int affinity_update_cuda(const void* base, int base_dtype, const void* lookahead, int lookahead_dtype, int64_t K,
-                         double* total, int64_t* count, double decay, double* z, int64_t* skipped, void* stream);
 
 // moments: 4 * K * K float64 ([mean, m2, weight, weight_sq]); keep = decay, or 1 without decay.
 int affinity_moments_cuda(const void* base, int base_dtype, const void* lookahead, int lookahead_dtype, int64_t K,

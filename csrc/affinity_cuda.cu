@@ -1,9 +1,10 @@
 // CUDA halves of the affinity accumulation and the gradient Gram reduction (see affinity.h).
 //
-// Affinity (the running sum / EMA, and the running moments): one block of kAffinityThreads threads
-// walks the K*K entries (K is small: the kernels are launch-bound), updates the float64 state in
-// place and block-reduces the skipped count into a 0-dim device tensor. The arithmetic uses the explicit round-to-nearest intrinsics so that no
-// multiply-add is contracted: the results are bit-identical to the CPU implementation.
+// Affinity (the running moments): one block of kAffinityThreads threads walks the K*K entries (K is
+// small: the kernel is launch-bound), updates the float64 state in place and block-reduces the
+// skipped count into a 0-dim device tensor. The arithmetic uses the explicit round-to-nearest
+// intrinsics so that no multiply-add is contracted: the results are bit-identical to the CPU
+// implementation.
 //
 // Gram: out = X X^T for X (K, P), float64 products and sums. The rows are split into row blocks of
 // R rows; a "pair block" (I, J), I <= J, is the R x R block of out for rows of block I against rows
@@ -80,33 +81,6 @@ __device__ __forceinline__ void block_sum_to(int64_t local, int64_t* out) {
     for (int w = 0; w < kAffinityThreads / 32; ++w) s += warp_sums[w];
     *out = s;
   }
-}
-
-__global__ void __launch_bounds__(kAffinityThreads)
-affinity_update_kernel(const void* __restrict__ base, int base_code, const void* __restrict__ lookahead,
-                       int lookahead_code, int64_t K, double* __restrict__ total, int64_t* __restrict__ count,
-                       bool ema, double keep, double take, double* __restrict__ z, int64_t* __restrict__ skipped) {
-  int64_t local = 0;
-  const int64_t n = K * K;
-  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-    double zz;
-    if (!step_z(load_f64(base, e % K, base_code), load_f64(lookahead, e, lookahead_code), zz)) {
-      z[e] = __longlong_as_double(0x7ff8000000000000LL);  // quiet NaN
-      ++local;
-      continue;
-    }
-    z[e] = zz;
-    const int64_t c = count[e];
-    if (!ema) {
-      total[e] = __dadd_rn(total[e], zz);
-    } else if (c == 0) {
-      total[e] = zz;
-    } else {
-      total[e] = __dadd_rn(__dmul_rn(keep, total[e]), __dmul_rn(take, zz));
-    }
-    count[e] = c + 1;
-  }
-  block_sum_to(local, skipped);
 }
 
 // moments: [mean, m2, weight, weight_sq], each K * K (see affinity.h for the update).
@@ -306,15 +280,6 @@ void launch_gram(const void* x, int64_t K, int64_t P, int64_t chunk_len, int64_t
 }
 
 }  // namespace
-
-int affinity_update_cuda(const void* base, int base_dtype, const void* lookahead, int lookahead_dtype, int64_t K,
-                         double* total, int64_t* count, double decay, double* z, int64_t* skipped, void* stream) {
-  const bool ema = decay >= 0.0;
-  const double keep = ema ? decay : 0.0, take = ema ? 1.0 - decay : 0.0;
-  affinity_update_kernel<<<1, kAffinityThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      base, base_dtype, lookahead, lookahead_dtype, K, total, count, ema, keep, take, z, skipped);
-  return static_cast<int>(cudaGetLastError());
-}
 
 int affinity_moments_cuda(const void* base, int base_dtype, const void* lookahead, int lookahead_dtype, int64_t K,
                           int64_t* count, double* moments, double keep, double* z, int64_t* skipped, void* stream) {

@@ -64,12 +64,13 @@ import contextlib  # noqa: E402  (imports follow the ABI header on purpose)
 import itertools  # noqa: E402
 import math  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from typing import NamedTuple  # noqa: E402
+from typing import Any, NamedTuple  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from ._jit import rint  # noqa: E402
 from ._launch import Launch, interpreting, sm_count  # noqa: E402
 
 N_SPATIAL = 4         # spatial codes are 0 .. N_SPATIAL - 1
@@ -154,17 +155,6 @@ def _clamp01(v):
 
 
 @triton.jit
-def _rint(v):
-    # Round half to even (std::nearbyint in the default rounding mode), no libdevice needed.
-    fl = tl.floor(v)
-    d = v - fl
-    half = fl * 0.5
-    odd = (half - tl.floor(half)) != 0.0
-    up = (d > 0.5) | ((d == 0.5) & odd)
-    return tl.where(up, fl + 1.0, fl)
-
-
-@triton.jit
 def _load_px(img, off, m, sxc, C: tl.constexpr, SCALE: tl.constexpr):
     """Loads channel 0 (and 1, 2 when C == 3) of the pixels at element offsets off; float32."""
     c0 = tl.load(img + off, mask=m, other=0).to(tl.float32)
@@ -204,8 +194,8 @@ def _warp(img, prm, xf, yf, m, H, W, sxc, sxh, sxw,
     wmax = W * 1.0 - 1.0
     hmax = H * 1.0 - 1.0
     if nearest > 0.5:
-        xn = _rint(sx)
-        yn = _rint(sy)
+        xn = rint(sx)
+        yn = rint(sy)
         # In-bounds tests on floats: NaN or huge coordinates are out, never cast to int.
         inb = m & (xn >= 0.0) & (xn <= wmax) & (yn >= 0.0) & (yn <= hmax)
         off = tl.where(inb, yn, 0.0).to(tl.int32) * sxh + tl.where(inb, xn, 0.0).to(tl.int32) * sxw
@@ -657,6 +647,18 @@ _CHECKED_TABLES: dict[tuple, bool] = {}
 _DEVICE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+class ViewOptions(NamedTuple):
+    """The keyword options of a fused K-view call and their defaults, the same for every backend of
+    this ABI (:func:`fused_views` here, ``mtdl_fast.fused_cpu.fused_views_cpu`` in C++); their
+    meaning is documented at :func:`fused_views`."""
+
+    seed: int = 0
+    out_dtype: torch.dtype = torch.float32
+    mean: Sequence[float] | torch.Tensor | None = None
+    std: Sequence[float] | torch.Tensor | None = None
+    out: torch.Tensor | None = None
+
+
 class Program(NamedTuple):
     """A fused K-view call whose arguments passed :func:`check_program`: what a launch needs besides
     the tensors x and params."""
@@ -684,17 +686,14 @@ def check_program(
     ops: torch.Tensor,
     params: torch.Tensor,
     *,
-    seed: int = 0,
-    out_dtype: torch.dtype = torch.float32,
-    mean: Sequence[float] | torch.Tensor | None = None,
-    std: Sequence[float] | torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
     devices: Sequence[str] = ("cuda",),
+    **options: Any,
 ) -> Program:
     """Checks a fused K-view call on the host without synchronising: the checks and messages of every
     backend of this file's ABI (wrong types raise TypeError, wrong values ValueError).
 
-    Arguments as :func:`fused_views`; ``devices`` lists the device types x may live on. spatial and
+    x, spatial, ops, params and the keyword ``options`` (:class:`ViewOptions`: seed, out_dtype, mean,
+    std, out) as :func:`fused_views`; ``devices`` lists the device types x may live on. spatial and
     ops must be CPU tensors (the program lives on the host; nothing is read back from a device).
     Their content is validated once and the verdict cached, so a call with tables seen before costs
     two ``tolist()`` and a dict lookup, no torch op. Nothing on x's device is read.
@@ -702,6 +701,7 @@ def check_program(
     Returns the :class:`Program`: sizes, the host tables, whether the contrast pre-pass is needed,
     mean/std as floats, the seed modulo 2**63 and the checked ``out``.
     """
+    seed, out_dtype, mean, std, out = ViewOptions(**options)
     B, C, H, W = _check_images(x, devices)
     K, codes, has_contrast = _check_tables(spatial, ops)
     _check_table("params", params, (K, B, N_SLOTS), torch.float32)
@@ -901,8 +901,8 @@ def fused_views(
     *,
     seed: int = 0,
     out_dtype: torch.dtype = torch.float32,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    mean: Sequence[float] | torch.Tensor | None = None,
+    std: Sequence[float] | torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     block_size: int | None = None,
 ) -> torch.Tensor:

@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from . import fused_views as fv
+from ._jit import rint
 from ._launch import Launch, interpreting
 
 PARAM_NONE = 0
@@ -166,17 +167,6 @@ def _philox_uniform(i, b, v, call, key_lo, key_hi):
 
 
 @triton.jit
-def _rint(v):
-    """Round half to even (Python's round, torch.round) without libdevice."""
-    fl = tl.floor(v)
-    d = v - fl
-    half = fl * 0.5
-    odd = (half - tl.floor(half)) != 0.0
-    up = (d > 0.5) | ((d == 0.5) & odd)
-    return tl.where(up, fl + 1.0, fl)
-
-
-@triton.jit
 def _sincos_degrees(a):
     """(sin, cos) of a degrees in float64 without libdevice, whose slow path for huge arguments
     costs every program a local-memory stack frame: q = the nearest multiple of 90 degrees, t the
@@ -242,8 +232,8 @@ def _box_search(d, b, v, call, key_lo, key_hi, cst, hf, wf, ERASE: tl.constexpr)
     log_hi = tl.load(cst + 3)
     area = hf * wf * (area_lo + (area_hi - area_lo) * _philox_uniform(i, bb, v, call, key_lo, key_hi))
     aspect = tl.exp(log_lo + (log_hi - log_lo) * _philox_uniform(i + _ATTEMPTS, bb, v, call, key_lo, key_hi))
-    long_side = _rint(tl.sqrt(area * aspect))
-    short_side = _rint(tl.sqrt(area / aspect))
+    long_side = rint(tl.sqrt(area * aspect))
+    short_side = rint(tl.sqrt(area / aspect))
     if ERASE:
         h = long_side
         w = short_side
@@ -337,8 +327,8 @@ def _task_params_kernel(program_ptr, consts_ptr, base_ptr, values_ptr, table_ptr
             r_lo = tl.load(cst + 4)
             r_hi = tl.load(cst + 5)
             ratio = wf / hf
-            fw = tl.where(ratio < r_lo, wf, tl.where(ratio > r_hi, _rint(hf * r_hi), wf))
-            fh = tl.where(ratio < r_lo, _rint(wf / r_lo), hf)
+            fw = tl.where(ratio < r_lo, wf, tl.where(ratio > r_hi, rint(hf * r_hi), wf))
+            fh = tl.where(ratio < r_lo, rint(wf / r_lo), hf)
             h = tl.where(found, h, fh)
             w = tl.where(found, w, fw)
             top = tl.where(found, top, tl.floor((hf - fh) * 0.5))
@@ -408,7 +398,9 @@ def _check_tables(program: torch.Tensor, consts: torch.Tensor, base: torch.Tenso
     return k, n
 
 
-def _check_call(batch_size: int, height: int, width: int, key: int, call: int, n_values: int) -> None:
+def _check_call(batch_size: int, height: int, width: int, key: int, call: int,
+                n_values: int) -> tuple[int, int, int, int, int, int]:
+    """The call's scalars, checked, in this order; TypeError for a non-int, ValueError for a negative size."""
     scalars = {"batch_size": batch_size, "height": height, "width": width, "key": key, "call": call,
                "n_values": n_values}
     for name, value in scalars.items():
@@ -417,6 +409,7 @@ def _check_call(batch_size: int, height: int, width: int, key: int, call: int, n
     if min(batch_size, height, width, n_values) < 0:
         name = next(n for n in ("batch_size", "height", "width", "n_values") if scalars[n] < 0)
         raise ValueError(f"{name} must be >= 0, got {scalars[name]}")
+    return batch_size, height, width, key, call, n_values
 
 
 def new_outputs(k: int, batch_size: int, n_values: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -557,10 +550,9 @@ def _sincos_degrees_torch(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _affine_matrix_torch(angle, tx, ty, scale, shear_x, shear_y, cx: float, cy: float) -> list[torch.Tensor]:
-    sin_sx, cos_sx = _sincos_degrees_torch(shear_x)
-    sin_sy, cos_sy = _sincos_degrees_torch(shear_y)
-    sin_r, cos_r = _sincos_degrees_torch(angle)
-    sin_rs, cos_rs = _sincos_degrees_torch(angle - shear_y)
+    """The kernel's _affine_matrix on tensors of one shape; the four angles' sines and cosines in one pass."""
+    sin, cos = _sincos_degrees_torch(torch.stack((shear_x, shear_y, angle, angle - shear_y)))
+    (sin_sx, _, sin_r, sin_rs), (cos_sx, cos_sy, cos_r, cos_rs) = sin, cos
     tan_sx = sin_sx / cos_sx
     a = cos_rs / cos_sy
     b = -(a * tan_sx + sin_r)
@@ -699,19 +691,15 @@ def task_params_torch(
     consts: torch.Tensor,
     base: torch.Tensor,
     *,
-    batch_size: int,
-    height: int,
-    width: int,
-    key: int,
-    call: int,
-    n_values: int,
     device: torch.device | str | None = None,
+    **scalars: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain-torch twin of :func:`task_params`: same arguments and outputs, computed with torch
-    ops on ``device`` (default: the CPU). The tables are read on the host (keep them on the CPU),
-    the instructions run grouped by (position, code) over all views that have them at once."""
+    """The plain-torch twin of :func:`task_params`: the same arguments (the keyword ``scalars``
+    batch_size, height, width, key, call and n_values, checked alike) and outputs, computed with
+    torch ops on ``device`` (default: the CPU). The tables are read on the host (keep them on the
+    CPU), the instructions run grouped by (position, code) over all views that have them at once."""
     k, n = _check_tables(program, consts, base)
-    _check_call(batch_size, height, width, key, call, n_values)
+    batch_size, height, width, key, call, n_values = _check_call(**scalars)
     device = torch.device(device) if device is not None else torch.device("cpu")
     rows = program.tolist()
     n_draws = max([r[1] + DRAWS[r[0]] for view in rows for r in view if 0 <= r[0] < len(DRAWS)], default=0)

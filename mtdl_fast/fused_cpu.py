@@ -12,7 +12,7 @@ once per thread and keeps a view's state for a tile of rows in L1.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -31,12 +31,7 @@ def fused_views_cpu(
     spatial: torch.Tensor,
     ops: torch.Tensor,
     params: torch.Tensor,
-    *,
-    seed: int = 0,
-    out_dtype: torch.dtype = torch.float32,
-    mean: Sequence[float] | torch.Tensor | None = None,
-    std: Sequence[float] | torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    **options: Any,
 ) -> torch.Tensor:
     """All K views of a CPU batch: the fused program of `kernels/fused_views.py` in C++.
 
@@ -47,23 +42,24 @@ def fused_views_cpu(
         ops: (K, MAX_OPS) int32 CPU tensor, ``OP_*`` codes applied left to right (``OP_END`` pads).
         params: (K, B, N_SLOTS) float32 CPU tensor of per-view, per-image parameters (``SLOT_*``).
             Out-of-range values never read or write out of bounds (clamped as in the kernel).
-        seed: Philox seed of OP_NOISE (any Python int; taken modulo 2**63), the kernel's stream.
-        out_dtype: float32, float16 or bfloat16 (rounded to nearest even, like ``.to()``).
-        mean, std: None or C floats: fused ``(x - mean[c]) / std[c]`` after the ops.
-        out: optional preallocated contiguous (K, B, C, H, W) CPU tensor of out_dtype, overwritten.
+        options: the keyword options of `fused_views` but ``block_size`` (`fused_views.ViewOptions`
+            holds them with their defaults): ``seed`` (OP_NOISE's Philox seed, the kernel's stream),
+            ``out_dtype`` (float32, float16 or bfloat16, rounded to nearest even like ``.to()``),
+            ``mean`` and ``std`` (the fused normalisation) and ``out`` (a preallocated contiguous
+            (K, B, C, H, W) CPU tensor of out_dtype, overwritten).
 
     Returns:
         (K, B, C, H, W) tensor of out_dtype (``out`` itself when given); empty without work when
         K, B or H * W is 0.
 
     Raises:
-        TypeError / ValueError: the Triton launcher's checks and messages (x must be a CPU tensor).
+        TypeError / ValueError: the Triton launcher's checks and messages (x must be a CPU tensor);
+            TypeError for a keyword that is not an option.
         RuntimeError: the extension `mtdl_fast._C` is not built.
     """
-    prog = fv.check_program(x, spatial, ops, params, seed=seed, out_dtype=out_dtype, mean=mean, std=std, out=out,
-                            devices=("cpu",))
+    prog = fv.check_program(x, spatial, ops, params, devices=("cpu",), **options)
     result = prog.out if prog.out is not None else torch.empty((prog.K, prog.B, prog.C, prog.H, prog.W),
-                                                               dtype=out_dtype)
+                                                               dtype=prog.out_dtype)
     if prog.K == 0 or prog.B == 0 or prog.H * prog.W == 0:
         return result
     if not available():

@@ -88,26 +88,26 @@ class Identity(Op):
         return x
 
 
-class HorizontalFlip(Op):
-    name = "horizontal_flip"
+class _Flip(Op):
+    """A flip: no parameters, one instruction of the parameter program, one functional op."""
+
     kind = "flip"
+    param_code: ClassVar[int]
+    function: ClassVar[Callable[[torch.Tensor], torch.Tensor]]
 
     def instructions(self):
-        return [Instruction(P.PARAM_HFLIP)]
+        return [Instruction(self.param_code)]
 
     def apply(self, x, p, noise):
-        return geometry.horizontal_flip(x)
+        return type(self).function(x)
 
 
-class VerticalFlip(Op):
-    name = "vertical_flip"
-    kind = "flip"
+class HorizontalFlip(_Flip):
+    name, param_code, function = "horizontal_flip", P.PARAM_HFLIP, geometry.horizontal_flip
 
-    def instructions(self):
-        return [Instruction(P.PARAM_VFLIP)]
 
-    def apply(self, x, p, noise):
-        return geometry.vertical_flip(x)
+class VerticalFlip(_Flip):
+    name, param_code, function = "vertical_flip", P.PARAM_VFLIP, geometry.vertical_flip
 
 
 class _Warp(Op):
@@ -192,16 +192,20 @@ class ResizedCrop(_Warp):
 
 
 class _Factor(Op):
-    """A pointwise op driven by one per-image factor."""
+    """A pointwise op driven by one per-image factor. The class statement names the factor: its
+    parameter ``key``, drawn per image in the ``default`` range, the ``bounds`` a range must lie in
+    and the kernel table ``slot`` it is written to; the body names the op and its functional op."""
 
     key: ClassVar[str]
     slot: ClassVar[int]
-    bounds: ClassVar[Range] = (0.0, math.inf)
+    bounds: ClassVar[Range]
     function: ClassVar[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, *, key: str, default: Range, slot: int, bounds: Range = (0.0, math.inf), **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.values = ((cls.key, 1),)  # every factor op draws its one named factor
+        cls.key, cls.slot, cls.bounds = key, slot, bounds
+        cls.defaults = {key: default}
+        cls.values = ((key, 1),)  # every factor op draws its one named factor
 
     def instructions(self):
         return [Instruction(P.PARAM_UNIFORM, self.range(self.key), (self.slot,))]
@@ -214,42 +218,28 @@ class _Factor(Op):
         _check_within(cls.name, config, cls.key, *cls.bounds)
 
 
-class Brightness(_Factor):
-    name, aliases, opcode = "brightness", ("adjust_brightness",), K.OP_BRIGHTNESS
-    key, slot, function = "brightness_factor", K.SLOT_BRIGHTNESS, color._brightness
-    defaults = {"brightness_factor": (0.6, 1.4)}
+class Brightness(_Factor, key="brightness_factor", default=(0.6, 1.4), slot=K.SLOT_BRIGHTNESS):
+    name, aliases, opcode, function = "brightness", ("adjust_brightness",), K.OP_BRIGHTNESS, color._brightness
 
 
-class Contrast(_Factor):
-    name, aliases, opcode = "contrast", ("adjust_contrast",), K.OP_CONTRAST
-    key, slot, function = "contrast_factor", K.SLOT_CONTRAST, color._contrast
-    defaults = {"contrast_factor": (0.6, 1.4)}
+class Contrast(_Factor, key="contrast_factor", default=(0.6, 1.4), slot=K.SLOT_CONTRAST):
+    name, aliases, opcode, function = "contrast", ("adjust_contrast",), K.OP_CONTRAST, color._contrast
 
 
-class Saturation(_Factor):
-    name, aliases, opcode = "saturation", ("adjust_saturation",), K.OP_SATURATION
-    key, slot, function = "saturation_factor", K.SLOT_SATURATION, color._saturation
-    defaults = {"saturation_factor": (0.0, 2.0)}
+class Saturation(_Factor, key="saturation_factor", default=(0.0, 2.0), slot=K.SLOT_SATURATION):
+    name, aliases, opcode, function = "saturation", ("adjust_saturation",), K.OP_SATURATION, color._saturation
 
 
-class Hue(_Factor):
-    name, aliases, opcode = "hue", ("adjust_hue",), K.OP_HUE
-    key, slot, function = "hue_factor", K.SLOT_HUE, color._hue
-    bounds = (-0.5, 0.5)
-    defaults = {"hue_factor": (-0.25, 0.25)}
+class Hue(_Factor, key="hue_factor", default=(-0.25, 0.25), bounds=(-0.5, 0.5), slot=K.SLOT_HUE):
+    name, aliases, opcode, function = "hue", ("adjust_hue",), K.OP_HUE, color._hue
 
 
-class Solarize(_Factor):
-    name, opcode = "solarize", K.OP_SOLARIZE
-    key, slot, function = "threshold", K.SLOT_SOLARIZE, color._solarize
-    bounds = (0.0, 1.0)
-    defaults = {"threshold": (0.3, 0.7)}
+class Solarize(_Factor, key="threshold", default=(0.3, 0.7), bounds=(0.0, 1.0), slot=K.SLOT_SOLARIZE):
+    name, opcode, function = "solarize", K.OP_SOLARIZE, color._solarize
 
 
-class Sharpness(_Factor):
-    name, aliases, kind = "sharpness", ("adjust_sharpness",), "filter"
-    key, slot, function = "sharpness_factor", K.SLOT_SHARPNESS, color._sharpness
-    defaults = {"sharpness_factor": (0.0, 3.0)}
+class Sharpness(_Factor, key="sharpness_factor", default=(0.0, 3.0), slot=K.SLOT_SHARPNESS):
+    name, aliases, kind, function = "sharpness", ("adjust_sharpness",), "filter", color._sharpness
 
 
 class Posterize(Op):

@@ -1,19 +1,18 @@
 """The compiled reductions of the affinity step, with their pure-PyTorch twins.
 
-- `affinity_update`: one TAG step (Fifty et al., 2021, Eq. 1). From the base losses ``L`` (K,) and
+- `affinity_moments`: one TAG step (Fifty et al., 2021, Eq. 1). From the base losses ``L`` (K,) and
   the lookahead losses ``LA`` (K, K), ``LA[i, j]`` = task j's loss after a lookahead step along task
-  i's gradient, it forms ``Z[i, j] = 1 - LA[i, j] / L[j]`` in float64 and folds it into a running
-  float64 state (a running sum, or an exponential moving average).
-- `affinity_moments`: the same step Z folded into per-entry running moments (count, mean and the
-  weighted sum of squared deviations, with the weights' sums): Welford's update, or West's weighted
-  form with exponential decay, from which the tracker reads the mean and its standard error.
+  i's gradient, it forms ``Z[i, j] = 1 - LA[i, j] / L[j]`` in float64 and folds it into per-entry
+  running moments (count, mean and the weighted sum of squared deviations, with the weights' sums):
+  Welford's update, or West's weighted form with exponential decay, from which the tracker reads the
+  mean and its standard error.
 - `gram`: ``G = grads @ grads.T`` in float64 for per-task gradients (K, P), the reduction behind
   first-order affinity estimates.
 
 Each dispatches to `mtdl_fast._C` when it is built for the tensors' device and otherwise to its
-PyTorch twin (`_affinity_update_torch`, `_affinity_moments_torch`, `_gram_torch`), which defines
-the meaning. ``backend="torch"`` forces the twin and ``backend="extension"`` requires the compiled
-path (tests use both).
+PyTorch twin (`_affinity_moments_torch`, `_gram_torch`), which defines the meaning.
+``backend="torch"`` forces the twin and ``backend="extension"`` requires the compiled path (tests use
+both).
 
 Nothing here synchronises with the GPU: the skipped count comes back as a 0-dim device tensor.
 """
@@ -69,10 +68,11 @@ def _check_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
-def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, k: int, device: torch.device) -> None:
+def _check_state(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> None:
+    """A running-state tensor updated in place: its shape, dtype, device (base's) and layout."""
     _check_tensor(name, t)
-    if tuple(t.shape) != (k, k):
-        raise ValueError(f"{name} must have shape ({k}, {k}), got {tuple(t.shape)}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     if t.dtype != dtype:
         raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
     if t.device != device:
@@ -110,101 +110,14 @@ def _check_losses(base, lookahead) -> int:
     return k
 
 
-def _check_affinity_args(base, lookahead, total, count, decay) -> float | None:
-    k = _check_losses(base, lookahead)
-    _check_state("total", total, torch.float64, k, base.device)
-    _check_state("count", count, torch.int64, k, base.device)
-    return _check_decay(decay)
-
-
 def _check_moments_args(base, lookahead, count, moments, decay) -> float | None:
     k = _check_losses(base, lookahead)
-    _check_state("count", count, torch.int64, k, base.device)
-    _check_tensor("moments", moments)
-    if tuple(moments.shape) != (4, k, k):
-        raise ValueError(f"moments must have shape (4, {k}, {k}), got {tuple(moments.shape)}")
-    if moments.dtype != torch.float64:
-        raise ValueError(f"moments must have dtype torch.float64, got {moments.dtype}")
-    if moments.device != base.device:
-        raise ValueError(f"moments must be on {base.device} (the device of base), got {moments.device}")
-    if not moments.is_contiguous():
-        raise ValueError(f"moments must be contiguous (it is updated in place), got strides {moments.stride()}")
+    _check_state("count", count, torch.int64, (k, k), base.device)
+    _check_state("moments", moments, torch.float64, (4, k, k), base.device)
     return _check_decay(decay)
 
 
 # ---- affinity -------------------------------------------------------------------------------------
-
-
-def affinity_update(
-    base: torch.Tensor,
-    lookahead: torch.Tensor,
-    total: torch.Tensor,
-    count: torch.Tensor,
-    decay: float | None = None,
-    *,
-    backend: Backend = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold one step's TAG affinity into the running state, in place.
-
-    Args:
-        base: (K,) task j's loss at the current parameters, ``L[j]``. float32, float64, float16 or
-            bfloat16; any device.
-        lookahead: (K, K) ``LA[i, j]``: task j's loss after the lookahead step along task i's gradient.
-            Same device as `base`; any of the same dtypes.
-        total: (K, K) float64 running state, updated in place: the running sum of Z when `decay` is
-            None, else the exponential moving average of Z. Contiguous, on `base`'s device.
-        count: (K, K) int64, updated in place: the number of valid observations of each entry.
-        decay: None for a running sum (the mean is ``total / count``), or the EMA decay d in (0, 1):
-            ``total = d * total + (1 - d) * Z``, with ``total = Z`` at an entry's first valid
-            observation (``count == 0``).
-        backend: "auto" (the compiled extension when built for the device, else the PyTorch twin),
-            "extension" (require the compiled path) or "torch" (force the twin).
-
-    Returns:
-        ``(z, skipped)``: this step's ``Z[i, j] = 1 - LA[i, j] / L[j]`` as a (K, K) float64 tensor
-        (source i onto target j; NaN where invalid), and the number of invalid entries as a 0-dim
-        int64 tensor on the device (read it when you need it: no host synchronisation here).
-
-    An entry is valid when ``L[j]`` is finite and > 0, ``LA[i, j]`` is finite and the resulting Z is
-    finite (the last can only fail for float64 losses near the overflow range). Invalid entries leave
-    `total` and `count` unchanged. Every input dtype converts to float64 exactly before the
-    arithmetic, and the compiled and PyTorch paths perform the same float64 operations in the same
-    order, so they agree to the last bit.
-
-    Raises:
-        ValueError: a shape, dtype, device or layout mismatch (naming the argument and the value),
-            or `decay` outside (0, 1).
-    """
-    d = _check_affinity_args(base, lookahead, total, count, decay)
-    mod = _pick(backend, base.device)
-    base, lookahead = base.detach(), lookahead.detach()
-    if mod is None:
-        return _affinity_update_torch(base, lookahead, total, count, d)
-    k = base.shape[0]
-    z = torch.empty((k, k), dtype=torch.float64, device=base.device)
-    skipped = mod.affinity_update(base, lookahead, total, count, d, z)
-    return z, skipped
-
-
-@torch.no_grad()
-def _affinity_update_torch(
-    base: torch.Tensor,
-    lookahead: torch.Tensor,
-    total: torch.Tensor,
-    count: torch.Tensor,
-    decay: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The meaning of `affinity_update` in plain PyTorch (arguments already checked)."""
-    z, valid = _step_z(base, lookahead)
-    if decay is None:
-        updated = total + z
-    else:
-        # Same float64 operations, in the same order, as the C++ and CUDA code: d * S, (1 - d) * Z, sum.
-        updated = torch.where(count == 0, z, total * decay + z * (1.0 - decay))
-    total.copy_(torch.where(valid, updated, total))
-    count.add_(valid.to(torch.int64))
-    skipped = (~valid).sum()
-    return z, skipped
 
 
 def _step_z(base: torch.Tensor, lookahead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +141,10 @@ def affinity_moments(
     """Fold one step's TAG affinity into running per-entry moments, in place.
 
     Args:
-        base, lookahead: as for `affinity_update` (Z and its validity are the same).
+        base: (K,) task j's loss at the current parameters, ``L[j]``. float32, float64, float16 or
+            bfloat16; any device.
+        lookahead: (K, K) ``LA[i, j]``: task j's loss after the lookahead step along task i's gradient.
+            Same device as `base`; any of the same dtypes.
         count: (K, K) int64, updated in place: the number n of valid observations of each entry.
         moments: (4, K, K) float64, contiguous, updated in place: ``[mean, m2, weight, weight_sq]``
             of each entry's valid observations z_1 .. z_n with weights ``w_t = keep^(n - t)``
@@ -237,10 +153,18 @@ def affinity_moments(
             before the first observation.
         decay: None (every observation weighs 1: Welford's running mean and variance) or the share
             d in (0, 1) an observation's weight keeps per later observation.
-        backend: "auto", "extension" or "torch", as for `affinity_update`.
+        backend: "auto" (the compiled extension when built for the device, else the PyTorch twin),
+            "extension" (require the compiled path) or "torch" (force the twin).
 
     Returns:
-        ``(z, skipped)`` as for `affinity_update`.
+        ``(z, skipped)``: this step's ``Z[i, j] = 1 - LA[i, j] / L[j]`` as a (K, K) float64 tensor
+        (source i onto target j; NaN where invalid), and the number of invalid entries as a 0-dim
+        int64 tensor on the device (read it when you need it: no host synchronisation here).
+
+    An entry is valid when ``L[j]`` is finite and > 0, ``LA[i, j]`` is finite and the resulting Z is
+    finite (the last can only fail for float64 losses near the overflow range). Invalid entries leave
+    `count` and `moments` unchanged. Every input dtype converts to float64 exactly before the
+    arithmetic.
 
     The update of a valid observation z, in this order of float64 operations (West, 1979, with the
     past weights scaled by keep): ``weight' = weight * keep + 1``, ``weight_sq' = weight_sq *
@@ -299,7 +223,7 @@ def gram(grads: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
     Args:
         grads: (K, P) per-task gradients, one row per task (the flattened shared-parameter gradient).
             float32, float64, float16 or bfloat16; CPU or CUDA. Made contiguous if it is not.
-        backend: "auto", "extension" or "torch", as for `affinity_update`.
+        backend: "auto", "extension" or "torch", as for `affinity_moments`.
 
     Returns:
         G: (K, K) float64 on the device of `grads`, ``G[a, b] = sum_p grads[a, p] * grads[b, p]``.

@@ -1,8 +1,8 @@
-"""mtdl_fast.reductions: the compiled affinity accumulations (running sum / EMA, and running
-moments) and Gram reduction against their pure-PyTorch twins and against independent float64
-references (a plain-Python loop for the affinity step, NumPy's weighted statistics of the recorded
-per-step Z for the moments, NumPy and exact `math.fsum` sums for the Gram matrix). CUDA variants
-compare the CUDA path with the CPU path and skip themselves without a GPU."""
+"""mtdl_fast.reductions: the compiled affinity accumulation (running moments) and Gram reduction
+against their pure-PyTorch twins and against independent float64 references (a plain-Python loop
+for the affinity step's Z, NumPy's weighted statistics of the recorded per-step Z and a hand-worked
+two-step example for the moments, NumPy and exact `math.fsum` sums for the Gram matrix). CUDA
+variants compare the CUDA path with the CPU path and skip themselves without a GPU."""
 from __future__ import annotations
 
 import math
@@ -29,7 +29,7 @@ def backend_params():
     return [pytest.param("extension", marks=requires_ext), "torch"]
 
 
-# ---- affinity: inputs and the independent reference -------------------------------------------------
+# ---- affinity: inputs and the independent references -----------------------------------------------
 
 
 def make_losses(k: int, dtype: torch.dtype, seed: int, specials: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +57,8 @@ def make_losses(k: int, dtype: torch.dtype, seed: int, specials: bool = True) ->
     return base.to(dtype), look.to(dtype)
 
 
-def loop_step(base, look, total: np.ndarray, count: np.ndarray, decay):
-    """One affinity step on Python floats, entry by entry. Updates total and count; returns (z, skipped)."""
+def loop_z(base, look) -> tuple[np.ndarray, int]:
+    """One step's Z on Python floats, entry by entry: (Z with NaN where invalid, invalid count)."""
     b = base.double().tolist()
     la = look.double().tolist()
     k = len(b)
@@ -67,220 +67,29 @@ def loop_step(base, look, total: np.ndarray, count: np.ndarray, decay):
     for i in range(k):
         for j in range(k):
             lj, v = b[j], la[i][j]
-            if not (math.isfinite(lj) and lj > 0 and math.isfinite(v)):
-                skipped += 1
-                continue
-            zij = 1.0 - v / lj
-            if not math.isfinite(zij):
-                skipped += 1
-                continue
-            z[i, j] = zij
-            if decay is None:
-                total[i, j] = total[i, j] + zij
-            elif count[i, j] == 0:
-                total[i, j] = zij
+            zij = 1.0 - v / lj if math.isfinite(lj) and lj > 0 and math.isfinite(v) else math.nan
+            if math.isfinite(zij):
+                z[i, j] = zij
             else:
-                total[i, j] = decay * total[i, j] + (1.0 - decay) * zij
-            count[i, j] += 1
+                skipped += 1
     return z, skipped
-
-
-def fresh_state(k: int, seed: int, zero: bool = False):
-    """A running state that is not all zeros: random totals and counts, some counts zero."""
-    if zero:
-        return torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.int64)
-    g = torch.Generator().manual_seed(1000 + seed)
-    total = torch.randn(k, k, generator=g, dtype=torch.float64)
-    count = torch.randint(0, 4, (k, k), generator=g, dtype=torch.int64)
-    return total, count
-
-
-def assert_same(actual: torch.Tensor, expected, exact: bool = True) -> None:
-    expected = torch.as_tensor(np.asarray(expected))
-    actual = actual.cpu()
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    if exact:
-        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
-    else:
-        torch.testing.assert_close(actual, expected, rtol=1e-14, atol=1e-15, equal_nan=True)
-
-
-# ---- affinity: tests --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("decay", [None, 0.9])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_affinity_matches_loop_over_steps(dtype, decay, backend):
-    k, steps = 9, 4
-    total, count = fresh_state(k, seed=DTYPES.index(dtype) + (0 if decay is None else 10))
-    ref_total, ref_count = total.numpy().copy(), count.numpy().copy()
-    for step in range(steps):
-        base, look = make_losses(k, dtype, seed=17 * step + DTYPES.index(dtype))
-        z, skipped = R.affinity_update(base, look, total, count, decay, backend=backend)
-        ref_z, ref_skipped = loop_step(base, look, ref_total, ref_count, decay)
-        assert z.dtype == torch.float64 and z.shape == (k, k)
-        assert skipped.dtype == torch.int64 and skipped.dim() == 0 and skipped.device == base.device
-        assert int(skipped) == ref_skipped >= 7  # the specials above make at least 7 entries invalid
-        assert_same(z, ref_z)  # one division, one subtraction: exact
-        assert_same(count, ref_count)
-        assert_same(total, ref_total, exact=decay is None)  # EMA: a compiler may fuse a multiply-add
-
-
-@requires_ext
-@pytest.mark.parametrize("decay", [None, 0.75])
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                    (torch.float64, torch.float16), (torch.float16, torch.bfloat16)])
-def test_affinity_extension_equals_torch(dtypes, decay):
-    """The compiled CPU path and the PyTorch twin agree to the last bit, mixed dtypes included."""
-    k = 13
-    states = [fresh_state(k, seed=3), fresh_state(k, seed=3)]
-    for step in range(3):
-        base, _ = make_losses(k, dtypes[0], seed=100 + step)
-        _, look = make_losses(k, dtypes[1], seed=200 + step)
-        out_ext = R.affinity_update(base, look, *states[0], decay, backend="extension")
-        out_torch = R.affinity_update(base, look, *states[1], decay, backend="torch")
-        for a, b in zip(out_ext + states[0], out_torch + states[1]):
-            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-
-
-@pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_running_mean_is_mean_of_valid_z(dtype, backend):
-    k, steps = 8, 6
-    total, count = fresh_state(k, 0, zero=True)
-    zs = []
-    for step in range(steps):
-        base, look = make_losses(k, dtype, seed=50 + step)
-        z, _ = R.affinity_update(base, look, total, count, backend=backend)
-        zs.append(z.numpy())
-    stack = np.stack(zs)
-    valid = np.isfinite(stack)
-    np.testing.assert_array_equal(count.numpy(), valid.sum(0))
-    seen = count.numpy() > 0
-    assert seen.sum() > k * k // 2
-    mean = np.where(seen, np.nansum(stack, 0) / np.maximum(valid.sum(0), 1), 0.0)
-    np.testing.assert_allclose((total / count.clamp(min=1)).numpy()[seen], mean[seen], rtol=1e-13, atol=1e-14)
-    np.testing.assert_array_equal(total.numpy()[~seen], 0.0)  # never observed: untouched
-
-
-@pytest.mark.parametrize("backend", backend_params())
-def test_ema_starts_at_first_valid_observation(backend):
-    """EMA entries start at Z when count == 0, whatever total holds, and then decay; invalid steps
-    leave them alone."""
-    k, d = 3, 0.8
-    total = torch.full((k, k), 123.0, dtype=torch.float64)  # garbage that must be replaced
-    count = torch.zeros(k, k, dtype=torch.int64)
-    f64 = dict(dtype=torch.float64)
-    base = torch.tensor([1.0, float("nan"), 2.0], **f64)
-    look1 = torch.tensor([[0.5, 1.0, 1.0], [0.9, 1.0, 3.0], [float("inf"), 1.0, 1.5]], **f64)
-    z1, s1 = R.affinity_update(base, look1, total, count, d, backend=backend)
-    assert int(s1) == 4  # column 1 (base NaN) and look1[2, 0] (inf)
-    expect = np.array([[0.5, 123.0, 0.5], [0.1, 123.0, -0.5], [123.0, 123.0, 0.25]])
-    np.testing.assert_allclose(total.numpy(), expect, rtol=1e-15)
-    np.testing.assert_array_equal(count.numpy(), [[1, 0, 1], [1, 0, 1], [0, 0, 1]])
-    base2 = torch.tensor([2.0, 4.0, 1.0], dtype=torch.bfloat16)  # dtypes may change between steps
-    look2 = torch.ones(3, 3, dtype=torch.float16)
-    z2, s2 = R.affinity_update(base2, look2, total, count, d, backend=backend)
-    assert int(s2) == 0
-    z2n = z2.numpy()
-    np.testing.assert_allclose(z2n, [[0.5, 0.75, 0.0]] * 3, rtol=1e-15)
-    first = count.numpy() == 1  # entries whose first valid observation was this step
-    np.testing.assert_array_equal(first, [[False, True, False], [False, True, False], [True, True, False]])
-    np.testing.assert_allclose(total.numpy()[first], z2n[first], rtol=0)
-    np.testing.assert_allclose(total.numpy()[~first], (d * expect + (1 - d) * z2n)[~first], rtol=1e-15)
-
-
-@requires_ext
-@pytest.mark.parametrize("decay", [None, 0.5])
-def test_affinity_extension_writes_every_z(decay):
-    k = 11
-    base, look = make_losses(k, torch.float32, seed=7)
-    total, count = fresh_state(k, seed=7)
-    ref_total, ref_count = total.numpy().copy(), count.numpy().copy()
-    z = torch.full((k, k), POISON, dtype=torch.float64)
-    skipped = ext().affinity_update(base, look, total, count, decay, z)
-    ref_z, ref_skipped = loop_step(base, look, ref_total, ref_count, decay)
-    assert not (z == POISON).any()
-    assert_same(z, ref_z)
-    assert int(skipped) == ref_skipped
-
-
-@pytest.mark.parametrize("backend", backend_params())
-def test_affinity_accepts_views_and_graph_outputs(backend):
-    k = 6
-    base, look = make_losses(k, torch.float32, seed=9)
-    base = base.clone().requires_grad_(True)
-    look_t = look.T.contiguous().T  # non-contiguous view with the same values
-    assert not look_t.is_contiguous()
-    total, count = fresh_state(k, seed=9)
-    ref_total, ref_count = total.numpy().copy(), count.numpy().copy()
-    z, skipped = R.affinity_update(base * 1.0, look_t, total, count, backend=backend)
-    ref_z, ref_skipped = loop_step(base.detach(), look, ref_total, ref_count, None)
-    assert not z.requires_grad
-    assert_same(z, ref_z)
-    assert_same(total, ref_total)
-    assert int(skipped) == ref_skipped
-
-
-def test_affinity_bad_inputs():
-    k = 4
-    base, look = make_losses(k, torch.float32, seed=1, specials=False)
-    total, count = fresh_state(k, 1)
-    ok = dict(base=base, lookahead=look, total=total, count=count)
-    cases = [
-        (dict(base=base[None]), "base must be a 1-D"),
-        (dict(base=base.to(torch.int64)), "base must be float32"),
-        (dict(lookahead=look[:3]), r"lookahead must have shape \(4, 4\).*\(3, 4\)"),
-        (dict(lookahead=look.to(torch.int32)), "lookahead must be float32"),
-        (dict(lookahead=look.to("meta")), "lookahead must be on cpu.*meta"),
-        (dict(total=total.float()), "total must have dtype torch.float64.*float32"),
-        (dict(total=total[:2]), r"total must have shape \(4, 4\).*\(2, 4\)"),
-        (dict(total=total.T), "total must be contiguous"),
-        (dict(count=count.to(torch.int32)), "count must have dtype torch.int64"),
-        (dict(count=count.to("meta")), "count must be on cpu.*meta"),
-    ]
-    for override, message in cases:
-        with pytest.raises(ValueError, match=message):
-            R.affinity_update(**{**ok, **override})
-    for decay in (0.0, 1.0, -0.5, 1.5, float("nan")):
-        with pytest.raises(ValueError, match="decay must"):
-            R.affinity_update(**ok, decay=decay)
-    for decay in (True, "0.9"):
-        with pytest.raises(TypeError, match="decay must"):
-            R.affinity_update(**ok, decay=decay)
-    with pytest.raises(TypeError, match="base must be a torch.Tensor"):
-        R.affinity_update(**{**ok, "base": [1.0, 2.0]})
-    with pytest.raises(ValueError, match="backend must be one of"):
-        R.affinity_update(**ok, backend="numpy")
-    # nothing was modified by the rejected calls
-    assert_same(total, fresh_state(k, 1)[0])
-    assert_same(count, fresh_state(k, 1)[1])
-
-
-@requires_ext
-def test_affinity_extension_checks_its_arguments():
-    """The bindings check for themselves (callers may skip the Python layer)."""
-    k = 3
-    base, look = make_losses(k, torch.float32, seed=2, specials=False)
-    total, count = fresh_state(k, 2)
-    z = torch.empty(k, k, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="decay must be in"):
-        ext().affinity_update(base, look, total, count, 1.0, z)
-    with pytest.raises(RuntimeError, match="count must be Long"):
-        ext().affinity_update(base, look, total, count.int(), None, z)
-    with pytest.raises(RuntimeError, match="lookahead must have shape"):
-        ext().affinity_update(base, look[:, :2], total, count, None, z)
-    with pytest.raises(RuntimeError, match="z must have shape"):
-        ext().affinity_update(base, look, total, count, None, z[:2])
-
-
-# ---- affinity moments: Welford / West against NumPy on the recorded per-step Z -------------------------
 
 
 def zero_moments(k: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.zeros(k, k, dtype=torch.int64, device=device),
             torch.zeros(4, k, k, dtype=torch.float64, device=device))
+
+
+def fresh_moments(k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mid-run state, not all zeros: counts 0..3 and Welford moments that go with them (weights =
+    counts, random means and m2 where observed, zeros where not)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    count = torch.randint(0, 4, (k, k), generator=g, dtype=torch.int64)
+    seen = count > 0
+    n = count.to(torch.float64)
+    mean = torch.where(seen, torch.randn(k, k, generator=g, dtype=torch.float64), 0.0)
+    m2 = torch.where(count > 1, (n - 1) * torch.rand(k, k, generator=g, dtype=torch.float64), 0.0)
+    return count, torch.stack([mean, m2, n, n])
 
 
 def numpy_moments(zs: np.ndarray, decay) -> dict[str, np.ndarray]:
@@ -307,6 +116,50 @@ def numpy_moments(zs: np.ndarray, decay) -> dict[str, np.ndarray]:
     return out
 
 
+def assert_same(actual: torch.Tensor, expected, exact: bool = True) -> None:
+    expected = torch.as_tensor(np.asarray(expected))
+    actual = actual.cpu()
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    if exact:
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-14, atol=1e-15, equal_nan=True)
+
+
+def assert_states_equal(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> None:
+    """(z, skipped, count, moments) of two runs: the same bits (NaN where NaN)."""
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.cpu(), y.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+# ---- affinity moments: Z and validity, the moments against NumPy and by hand ---------------------------
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("decay", [None, 0.9])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moments_step_z_and_count_match_loop(dtype, decay, backend):
+    """From a mid-run state: Z and the skipped count equal the Python-float loop exactly (float64's
+    overflowing ratio included), count grows by one where Z is valid, invalid entries leave the
+    moments untouched and valid ones change them."""
+    k = 9
+    count, moments = fresh_moments(k, seed=DTYPES.index(dtype))
+    for step in range(4):
+        base, look = make_losses(k, dtype, seed=17 * step + DTYPES.index(dtype))
+        before_count, before = count.clone(), moments.clone()
+        z, skipped = R.affinity_moments(base, look, count, moments, decay, backend=backend)
+        ref_z, ref_skipped = loop_z(base, look)
+        assert z.dtype == torch.float64 and z.shape == (k, k)
+        assert skipped.dtype == torch.int64 and skipped.dim() == 0 and skipped.device == base.device
+        assert int(skipped) == ref_skipped >= 7  # the specials above make at least 7 entries invalid
+        assert_same(z, ref_z)  # one division, one subtraction: exact
+        valid = torch.from_numpy(np.isfinite(ref_z))
+        assert_same(count, (before_count + valid.to(torch.int64)).numpy())
+        assert torch.equal(moments[:, ~valid], before[:, ~valid])
+        keep = 1.0 if decay is None else decay
+        assert torch.equal(moments[2][valid], before[2][valid] * keep + 1.0)  # the weight: one observation more
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("decay", [None, 0.9, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # float64 specials overflow Z^2
@@ -321,8 +174,7 @@ def test_moments_equal_numpy_on_recorded_steps(dtype, decay, backend):
         z, skipped = R.affinity_moments(base, look, count, moments, decay, backend=backend)
         assert z.dtype == torch.float64 and skipped.dim() == 0 and skipped.dtype == torch.int64
         assert int(skipped) == int(torch.isnan(z).sum())
-        ref_z, _ = loop_step(base, look, np.zeros((k, k)), np.zeros((k, k), dtype=np.int64), None)
-        assert_same(z, ref_z)  # the same Z (and validity) as affinity_update
+        assert_same(z, loop_z(base, look)[0])
         zs.append(z.numpy())
         skipped_total += int(skipped)
     stack = np.stack(zs)
@@ -342,65 +194,126 @@ def test_moments_equal_numpy_on_recorded_steps(dtype, decay, backend):
                                    rtol=1e-10)
 
 
+def test_moments_by_hand_over_two_steps():
+    """Two steps worked by hand with decay 0.8: an entry's first valid observation becomes its mean
+    with weight 1 and m2 0; a second one gives weight 1.8, weight_sq 1.64, the weighted mean and
+    m2; invalid entries wait. Mixed dtypes between steps."""
+    d = 0.8
+    f64 = dict(dtype=torch.float64)
+    base1 = torch.tensor([1.0, float("nan"), 2.0], **f64)
+    look1 = torch.tensor([[0.5, 1.0, 1.0], [0.75, 1.0, 3.0], [float("inf"), 1.0, 1.5]], **f64)
+    z1 = np.array([[0.5, np.nan, 0.5], [0.25, np.nan, -0.5], [np.nan, np.nan, 0.25]])  # exact in float64
+    base2 = torch.tensor([2.0, 4.0, 1.0], dtype=torch.bfloat16)
+    look2 = torch.ones(3, 3, dtype=torch.float16)
+    z2 = np.array([[0.5, 0.75, 0.0]] * 3)
+    twice = np.isfinite(z1)
+    mean = np.where(twice, (d * np.nan_to_num(z1) + z2) / (d + 1.0), z2)
+    m2 = np.where(twice, d * (np.nan_to_num(z1) - mean) ** 2 + (z2 - mean) ** 2, 0.0)
+    for backend in BACKENDS if HAS_EXT else ["torch"]:
+        count, moments = zero_moments(3)
+        _, skipped = R.affinity_moments(base1, look1, count, moments, d, backend=backend)
+        assert int(skipped) == 4  # column 1 (base NaN) and look1[2, 0] (inf)
+        np.testing.assert_array_equal(moments[0].numpy(), np.nan_to_num(z1))
+        np.testing.assert_array_equal(moments[2].numpy(), twice.astype(float))
+        _, skipped = R.affinity_moments(base2, look2, count, moments, d, backend=backend)
+        assert int(skipped) == 0
+        np.testing.assert_array_equal(count.numpy(), 1 + twice)
+        np.testing.assert_allclose(moments[0].numpy(), mean, rtol=1e-14)
+        np.testing.assert_allclose(moments[1].numpy(), m2, rtol=1e-14, atol=1e-17)
+        np.testing.assert_allclose(moments[2].numpy(), np.where(twice, 1.8, 1.0), rtol=1e-15)
+        np.testing.assert_allclose(moments[3].numpy(), np.where(twice, 1.64, 1.0), rtol=1e-15)
+
+
 @requires_ext
 @pytest.mark.parametrize("decay", [None, 0.75])
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                    (torch.float64, torch.float16), (torch.float64, torch.float64)])
+                                    (torch.float64, torch.float16), (torch.float64, torch.float64),
+                                    (torch.float16, torch.bfloat16)])
 def test_moments_extension_equals_torch(dtypes, decay):
-    """The compiled CPU path and the PyTorch twin agree to the last bit over many steps."""
+    """The compiled CPU path and the PyTorch twin agree to the last bit over many steps, from a
+    mid-run state, mixed dtypes included."""
     k = 13
-    states = [zero_moments(k), zero_moments(k)]
+    states = [fresh_moments(k, seed=3), fresh_moments(k, seed=3)]
     for step in range(12):
         base, _ = make_losses(k, dtypes[0], seed=500 + step, specials=step % 4 == 0)
         _, look = make_losses(k, dtypes[1], seed=600 + step, specials=step % 4 == 0)
         out_ext = R.affinity_moments(base, look, *states[0], decay, backend="extension")
         out_torch = R.affinity_moments(base, look, *states[1], decay, backend="torch")
-        for a, b in zip(out_ext + states[0], out_torch + states[1]):
-            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        assert_states_equal(out_ext + states[0], out_torch + states[1])
 
 
 @requires_ext
 def test_moments_extension_writes_every_z():
     k = 11
     base, look = make_losses(k, torch.float32, seed=8)
-    count, moments = zero_moments(k)
+    count, moments = fresh_moments(k, seed=8)
     z = torch.full((k, k), POISON, dtype=torch.float64)
     skipped = ext().affinity_moments(base, look, count, moments, 0.5, z)
-    ref_z, ref_skipped = loop_step(base, look, np.zeros((k, k)), np.zeros((k, k), dtype=np.int64), None)
+    ref_z, ref_skipped = loop_z(base, look)
     assert not (z == POISON).any()
     assert_same(z, ref_z)
     assert int(skipped) == ref_skipped
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_moments_accept_views_and_graph_outputs(backend):
+    """A non-contiguous lookahead and a base that needs grad give what their contiguous, detached
+    copies give; z never requires grad."""
+    k = 6
+    base, look = make_losses(k, torch.float32, seed=9)
+    base = base.clone().requires_grad_(True)
+    look_t = look.T.contiguous().T  # non-contiguous view with the same values
+    assert not look_t.is_contiguous()
+    state, ref_state = fresh_moments(k, seed=9), fresh_moments(k, seed=9)
+    out = R.affinity_moments(base * 1.0, look_t, *state, 0.7, backend=backend)
+    ref = R.affinity_moments(base.detach(), look, *ref_state, 0.7, backend=backend)
+    assert not out[0].requires_grad
+    assert_same(out[0], loop_z(base.detach(), look)[0])
+    assert_states_equal(out + state, ref + ref_state)
+
+
 def test_moments_bad_inputs():
     k = 4
     base, look = make_losses(k, torch.float32, seed=1, specials=False)
-    count, moments = zero_moments(k)
+    count, moments = fresh_moments(k, seed=1)
     ok = dict(base=base, lookahead=look, count=count, moments=moments)
     cases = [
         (dict(base=base[None]), "base must be a 1-D"),
+        (dict(base=base.to(torch.int64)), "base must be float32"),
         (dict(lookahead=look[:3]), r"lookahead must have shape \(4, 4\).*\(3, 4\)"),
+        (dict(lookahead=look.to(torch.int32)), "lookahead must be float32"),
+        (dict(lookahead=look.to("meta")), "lookahead must be on cpu.*meta"),
         (dict(moments=moments[:3]), r"moments must have shape \(4, 4, 4\).*\(3, 4, 4\)"),
         (dict(moments=moments.float()), "moments must have dtype torch.float64.*float32"),
         (dict(moments=moments.to("meta")), "moments must be on cpu.*meta"),
         (dict(moments=moments.transpose(1, 2)), "moments must be contiguous"),
         (dict(count=count.to(torch.int32)), "count must have dtype torch.int64"),
+        (dict(count=count[:2]), r"count must have shape \(4, 4\).*\(2, 4\)"),
+        (dict(count=count.to("meta")), "count must be on cpu.*meta"),
+        (dict(count=count.T), "count must be contiguous"),
     ]
     for override, message in cases:
         with pytest.raises(ValueError, match=message):
             R.affinity_moments(**{**ok, **override})
-    for decay in (0.0, 1.0, float("nan")):
+    for decay in (0.0, 1.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match="decay must"):
             R.affinity_moments(**ok, decay=decay)
-    with pytest.raises(TypeError, match="decay must"):
-        R.affinity_moments(**ok, decay="0.9")
+    for decay in (True, "0.9"):
+        with pytest.raises(TypeError, match="decay must"):
+            R.affinity_moments(**ok, decay=decay)
     with pytest.raises(TypeError, match="moments must be a torch.Tensor"):
         R.affinity_moments(**{**ok, "moments": [0.0]})
-    assert (moments == 0).all() and (count == 0).all()  # nothing was modified by the rejected calls
+    with pytest.raises(TypeError, match="base must be a torch.Tensor"):
+        R.affinity_moments(**{**ok, "base": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="backend must be one of"):
+        R.affinity_moments(**ok, backend="numpy")
+    # nothing was modified by the rejected calls
+    assert_states_equal((count, moments), fresh_moments(k, seed=1))
 
 
 @requires_ext
 def test_moments_extension_checks_its_arguments():
+    """The binding checks for itself (callers may skip the Python layer)."""
     k = 3
     base, look = make_losses(k, torch.float32, seed=2, specials=False)
     count, moments = zero_moments(k)
@@ -413,6 +326,10 @@ def test_moments_extension_checks_its_arguments():
         ext().affinity_moments(base, look, count, moments.float(), None, z)
     with pytest.raises(RuntimeError, match="count must be Long"):
         ext().affinity_moments(base, look, count.int(), moments, None, z)
+    with pytest.raises(RuntimeError, match="lookahead must have shape"):
+        ext().affinity_moments(base, look[:, :2], count, moments, None, z)
+    with pytest.raises(RuntimeError, match=r"z must have shape \(3, 3\)"):
+        ext().affinity_moments(base, look, count, moments, None, z[:2])
 
 
 # ---- Gram -------------------------------------------------------------------------------------------
@@ -544,52 +461,12 @@ def test_gram_bad_inputs():
 @pytest.mark.parametrize("backend", [pytest.param("extension", marks=requires_cuda_ext), "torch"])
 @pytest.mark.parametrize("decay", [None, 0.9])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_affinity_equals_cpu(dtype, decay, backend):
-    """CUDA and CPU give the same bits (the kernel uses non-fusing float64 intrinsics), with no host
-    synchronisation inside the call."""
-    k = 13
-    cpu_state = fresh_state(k, seed=21)
-    gpu_state = tuple(t.cuda() for t in cpu_state)
-    for step in range(3):
-        base, look = make_losses(k, dtype, seed=300 + step)
-        cpu = R.affinity_update(base, look, *cpu_state, decay, backend="extension" if HAS_EXT else "torch")
-        base_d, look_d = base.cuda(), look.cuda()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            gpu = R.affinity_update(base_d, look_d, *gpu_state, decay, backend=backend)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        assert gpu[0].device.type == "cuda" and gpu[1].device.type == "cuda" and gpu[1].dim() == 0
-        for a, b in zip(gpu + gpu_state, cpu + cpu_state):
-            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0, equal_nan=True)
-
-
-@requires_cuda_ext
-@pytest.mark.parametrize("k", [1, 5, 64, 100])
-def test_cuda_affinity_writes_every_z(k):
-    base, look = make_losses(k, torch.float32, seed=k, specials=k >= 5)
-    total, count = fresh_state(k, seed=k)
-    ref_total, ref_count = total.numpy().copy(), count.numpy().copy()
-    total, count = total.cuda(), count.cuda()
-    z = torch.full((k, k), POISON, dtype=torch.float64, device="cuda")
-    skipped = ext().affinity_update(base.cuda(), look.cuda(), total, count, 0.3, z)
-    ref_z, ref_skipped = loop_step(base, look, ref_total, ref_count, 0.3)
-    assert not (z == POISON).any()
-    assert_same(z, ref_z)
-    assert_same(count, ref_count)
-    assert_same(total, ref_total, exact=False)
-    assert int(skipped) == ref_skipped
-
-
-@requires_cuda
-@pytest.mark.parametrize("backend", [pytest.param("extension", marks=requires_cuda_ext), "torch"])
-@pytest.mark.parametrize("decay", [None, 0.9])
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_moments_equal_cpu(dtype, decay, backend):
-    """The moments on CUDA and on the CPU: the same bits, no host synchronisation inside the call."""
+    """The moments on CUDA and on the CPU, from a mid-run state: the same bits, no host
+    synchronisation inside the call (the kernel uses non-fusing float64 intrinsics)."""
     k = 13
-    cpu_state, gpu_state = zero_moments(k), zero_moments(k, "cuda")
+    cpu_state = fresh_moments(k, seed=21)
+    gpu_state = tuple(t.cuda() for t in cpu_state)
     for step in range(5):
         base, look = make_losses(k, dtype, seed=700 + step, specials=step == 2)
         cpu = R.affinity_moments(base, look, *cpu_state, decay, backend="extension" if HAS_EXT else "torch")
@@ -600,8 +477,8 @@ def test_cuda_moments_equal_cpu(dtype, decay, backend):
             gpu = R.affinity_moments(base_d, look_d, *gpu_state, decay, backend=backend)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        for a, b in zip(gpu + gpu_state, cpu + cpu_state):
-            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0, equal_nan=True)
+        assert gpu[0].device.type == "cuda" and gpu[1].device.type == "cuda" and gpu[1].dim() == 0
+        assert_states_equal(gpu + gpu_state, cpu + cpu_state)
 
 
 @requires_cuda_ext
@@ -611,7 +488,7 @@ def test_cuda_moments_write_every_z(k):
     count, moments = zero_moments(k, "cuda")
     z = torch.full((k, k), POISON, dtype=torch.float64, device="cuda")
     skipped = ext().affinity_moments(base.cuda(), look.cuda(), count, moments, 0.3, z)
-    ref_z, ref_skipped = loop_step(base, look, np.zeros((k, k)), np.zeros((k, k), dtype=np.int64), None)
+    ref_z, ref_skipped = loop_z(base, look)
     assert not (z == POISON).any()
     assert_same(z, ref_z)
     assert int(skipped) == ref_skipped
@@ -660,11 +537,13 @@ def test_cuda_gram_deterministic_and_writes_every_entry(k):
 def test_cuda_bad_inputs():
     k = 3
     base, look = make_losses(k, torch.float32, seed=1, specials=False)
-    total, count = fresh_state(k, 1)
+    count, moments = (t.cuda() for t in zero_moments(k))
     with pytest.raises(ValueError, match="lookahead must be on cuda"):
-        R.affinity_update(base.cuda(), look, total.cuda(), count.cuda())
-    with pytest.raises(ValueError, match="total must be on cuda"):
-        R.affinity_update(base.cuda(), look.cuda(), total, count.cuda())
+        R.affinity_moments(base.cuda(), look, count, moments)
+    with pytest.raises(ValueError, match="count must be on cuda"):
+        R.affinity_moments(base.cuda(), look.cuda(), count.cpu(), moments)
+    with pytest.raises(ValueError, match="moments must be on cuda"):
+        R.affinity_moments(base.cuda(), look.cuda(), count, moments.cpu())
 
 
 def test_auto_falls_back_without_extension(monkeypatch):
@@ -672,21 +551,16 @@ def test_auto_falls_back_without_extension(monkeypatch):
     monkeypatch.setattr(R, "ext", lambda: None)
     k = 4
     base, look = make_losses(k, torch.float32, seed=3)
-    total, count = fresh_state(k, 3)
-    ref_total, ref_count = total.numpy().copy(), count.numpy().copy()
-    z, skipped = R.affinity_update(base, look, total, count)
-    ref_z, ref_skipped = loop_step(base, look, ref_total, ref_count, None)
+    state, twin_state = fresh_moments(k, seed=3), fresh_moments(k, seed=3)
+    z, skipped = R.affinity_moments(base, look, *state, 0.6)
+    ref_z, ref_skipped = loop_z(base, look)
     assert_same(z, ref_z)
     assert int(skipped) == ref_skipped
+    R._affinity_moments_torch(base, look, *twin_state, 0.6)
+    assert_states_equal(state, twin_state)  # "auto" ran the twin
+    with pytest.raises(RuntimeError, match="not available"):
+        R.affinity_moments(base, look, *state, backend="extension")
     x = make_grads(3, 50, torch.float32, seed=3)
     assert_gram_close(R.gram(x), x.double().numpy() @ x.double().numpy().T, rtol=1e-13)
     with pytest.raises(RuntimeError, match="not available"):
         R.gram(x, backend="extension")
-    with pytest.raises(RuntimeError, match="not available"):
-        R.affinity_update(base, look, total, count, backend="extension")
-    count, moments = zero_moments(k)
-    z, skipped = R.affinity_moments(base, look, count, moments)
-    assert_same(z, ref_z)
-    assert int(skipped) == ref_skipped
-    with pytest.raises(RuntimeError, match="not available"):
-        R.affinity_moments(base, look, count, moments, backend="extension")
