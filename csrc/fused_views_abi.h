@@ -4,6 +4,10 @@
 // tests/test_fused_cpu.py holds the two equal through mtdl_fast._C.fused_views_abi().
 #pragma once
 
+// X for the ABI lists (this one and the parameter program's): one (name, value) entry of the map
+// `abi` that a binding returns.
+#define MTDL_ABI_MAP_ENTRY(name, value) abi[#name] = value;
+
 // X(name, value) for every constant of the ABI. One list, so the C++ constants and the table the
 // binding returns cannot drift apart.
 #define MTDL_FUSED_VIEWS_ABI(X)                                                                    \

@@ -50,6 +50,8 @@
 #pragma clang fp contract(off)
 #endif
 
+#include "inline_math.h"  // after the pragmas: its helpers inline into this file's stages
+
 // A stage: one spatial stage or op over a tile, or a tile's store. Stages are compiled for AVX2
 // (x86-64-v3) and for baseline x86-64 and picked at load time; everything they call is inlined
 // into them, so each is one loop nest with its own register allocation.
@@ -868,31 +870,7 @@ MTDL_FV_INLINE void sincos_turns(float u, float* sn, float* cs) {
                                             t2 * (static_cast<float>(-0.001388888888888889) +
                                                   t2 * (static_cast<float>(2.48015873015873e-05) -
                                                         t2 * static_cast<float>(2.755731922398589e-07)))));
-  // quarter k: (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s); as single selects (GCC vectorises these)
-  const int k = static_cast<int>(q) & 3;
-  const bool odd = (k & 1) != 0;
-  const float sv = odd ? c : s, cv = odd ? s : c;
-  *sn = (k & 2) != 0 ? -sv : sv;
-  *cs = ((k + 1) & 2) != 0 ? -cv : cv;
-}
-
-MTDL_FV_INLINE void philox4x32_10(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, uint32_t k0, uint32_t k1) {
-  uint32_t a = *c0, b = *c1, c = *c2, d = *c3;
-#pragma GCC unroll 10
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c;
-    const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * a;
-    a = static_cast<uint32_t>(pb >> 32) ^ b ^ k0;
-    c = static_cast<uint32_t>(pa >> 32) ^ d ^ k1;
-    b = static_cast<uint32_t>(pb);
-    d = static_cast<uint32_t>(pa);
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  *c0 = a;
-  *c1 = b;
-  *c2 = c;
-  *c3 = d;
+  rotate_by_quarter_turns(static_cast<int>(q) & 3, s, c, sn, cs);
 }
 
 #ifdef MTDL_FV_X86
@@ -917,8 +895,8 @@ __attribute__((target("avx2"), noinline)) void uniforms_avx2(uint32_t base_lo, u
                                                              float* u3) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i sign = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
-  const __m256i mul_a = _mm256_set1_epi32(static_cast<int32_t>(0xD2511F53u));
-  const __m256i mul_b = _mm256_set1_epi32(static_cast<int32_t>(0xCD9E8D57u));
+  const __m256i mul_a = _mm256_set1_epi32(static_cast<int32_t>(kPhiloxM0));
+  const __m256i mul_b = _mm256_set1_epi32(static_cast<int32_t>(kPhiloxM1));
   const __m256i base_lo_biased = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int32_t>(base_lo)), sign);
   for (int64_t i = 0; i < m; i += 8) {
     __m256i a = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(base_lo + static_cast<uint32_t>(i0 + i))), lane);
@@ -927,7 +905,7 @@ __attribute__((target("avx2"), noinline)) void uniforms_avx2(uint32_t base_lo, u
     __m256i b = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int32_t>(base_hi)), carry);
     __m256i c = _mm256_setzero_si256(), d = _mm256_setzero_si256();
     uint32_t key0 = k0, key1 = k1;
-    for (int round = 0; round < 10; ++round) {
+    for (int round = 0; round < kPhiloxRounds; ++round) {
       __m256i hb, lb, ha, la;
       mul_hi_lo(c, mul_b, &hb, &lb);
       mul_hi_lo(a, mul_a, &ha, &la);
@@ -935,8 +913,8 @@ __attribute__((target("avx2"), noinline)) void uniforms_avx2(uint32_t base_lo, u
       c = _mm256_xor_si256(_mm256_xor_si256(ha, d), _mm256_set1_epi32(static_cast<int32_t>(key1)));
       b = lb;
       d = la;
-      key0 += 0x9E3779B9u;
-      key1 += 0xBB67AE85u;
+      key0 += kPhiloxW0;
+      key1 += kPhiloxW1;
     }
     _mm256_storeu_ps(u0 + i, to_uniform(a));
     _mm256_storeu_ps(u1 + i, to_uniform(b));
@@ -1325,9 +1303,7 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& spatial, const at::Tensor&
 
 std::map<std::string, int64_t> fused_views_abi() {
   std::map<std::string, int64_t> abi;
-#define MTDL_FUSED_VIEWS_ENTRY(name, value) abi[#name] = value;
-  MTDL_FUSED_VIEWS_ABI(MTDL_FUSED_VIEWS_ENTRY)
-#undef MTDL_FUSED_VIEWS_ENTRY
+  MTDL_FUSED_VIEWS_ABI(MTDL_ABI_MAP_ENTRY)
   return abi;
 }
 

@@ -1,11 +1,12 @@
 // mtdl_fast._C: the compiled half of the engine. Knows nothing of models or tasks: tensors in,
-// tensors out. The affinity and Gram reductions, the task-grouping search and the fused K-view
-// augmentation on the CPU.
+// tensors out. The affinity and Gram reductions, the task-grouping search, and on the CPU the fused
+// K-view augmentation and the per-call parameter program.
 #include <torch/extension.h>
 
 #include "affinity.h"
 #include "fused_views_cpu.h"
 #include "group_search.h"
+#include "task_params_cpu.h"
 
 namespace {
 
@@ -22,16 +23,11 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mtdl-fast compiled extension";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA sources were compiled in.");
-  m.def("affinity_update", &mtdl::affinity_update,
-        "TAG affinity step: z = 1 - lookahead / base[None, :] (float64, NaN where invalid) written to z; "
-        "the running state (total: sum, or EMA when decay is given; count) updated in place where valid. "
-        "Returns the number of invalid entries as a 0-dim int64 tensor on the inputs' device.",
-        py::arg("base"), py::arg("lookahead"), py::arg("total"), py::arg("count"), py::arg("decay"), py::arg("z"));
   m.def("affinity_moments", &mtdl::affinity_moments,
-        "The TAG affinity step folded into running moments: z as affinity_update; count (K, K) int64 and moments "
-        "(4, K, K) float64 [mean, m2, weight, weight_sq] updated in place where valid (West's weighted update, "
-        "past weights scaled by decay; Welford without decay). Returns the number of invalid entries as a 0-dim "
-        "int64 tensor on the inputs' device.",
+        "TAG affinity step folded into running moments: z = 1 - lookahead / base[None, :] (float64, NaN where "
+        "invalid) written to z; count (K, K) int64 and moments (4, K, K) float64 [mean, m2, weight, weight_sq] "
+        "updated in place where valid (West's weighted update, past weights scaled by decay; Welford without "
+        "decay). Returns the number of invalid entries as a 0-dim int64 tensor on the inputs' device.",
         py::arg("base"), py::arg("lookahead"), py::arg("count"), py::arg("moments"), py::arg("decay"), py::arg("z"));
   m.def("gram", &mtdl::gram, "out (K, K) float64 = grads @ grads.T for grads (K, P), accumulated in float64.",
         py::arg("grads"), py::arg("out"));
@@ -48,4 +44,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Releases the GIL.",
         py::arg("x"), py::arg("spatial"), py::arg("ops"), py::arg("params"), py::arg("seed"), py::arg("mean"),
         py::arg("std"), py::arg("normalize"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def("task_params_abi", &mtdl::task_params_abi,
+        "The parameter program ABI: every PARAM_* code, PROGRAM_WIDTH, N_CONSTS and BOX_ATTEMPTS by name.");
+  m.def("task_params_cpu", &mtdl::task_params_cpu,
+        "The parameter program of K views on B images (kernels/task_params.py ABI) written into values "
+        "(K, B, n_values) float64 and table (K, B, N_SLOTS) float32, every element: program (K, L, PROGRAM_WIDTH) "
+        "int32, consts (K, L, N_CONSTS) float64, base (K, N_SLOTS) float32, all contiguous CPU tensors; key and "
+        "call taken modulo 2^62 and 2^31. Parallel over (view, image). Releases the GIL.",
+        py::arg("program"), py::arg("consts"), py::arg("base"), py::arg("values"), py::arg("table"),
+        py::arg("height"), py::arg("width"), py::arg("key"), py::arg("call"),
+        py::call_guard<py::gil_scoped_release>());
 }

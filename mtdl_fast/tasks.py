@@ -3,7 +3,8 @@
 A task is a chain of ops from `mtdl_fast.ops` ("rotate", "rotate+hue", or ("rotate", {"angle":
 (-45, 45)})). One call is one program: `sample` runs the task list's parameter program
 (kernels/task_params.py: every view's per-image parameters and the fused kernel's table, drawn in
-one launch from a counter-based stream keyed by (seed, call, view, image)); `apply` is
+one launch from a counter-based stream keyed by (seed, call, view, image): the Triton kernel on GPUs,
+its C++ port `mtdl_fast._C.task_params_cpu` on CPUs); `apply` is
 deterministic given them and runs the plain-PyTorch path (the meaning), the fused Triton kernel
 (one launch for all K views) or the fused C++ CPU kernel. Views are computed on float32 images in
 [0, 1]: uint8 input is scaled by 1/255 first, exactly like torchvision's
@@ -14,13 +15,14 @@ from __future__ import annotations
 import functools
 import importlib
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 from torch import nn
 
+from mtdl_fast._ext import ext
 from mtdl_fast.functional._utils import to_float
 from mtdl_fast.kernels import fused_views as K
 from mtdl_fast.kernels import task_params as P
@@ -235,6 +237,12 @@ def _fused_cpu() -> tuple[ModuleType | None, str]:
     return module, ""
 
 
+@functools.cache
+def _program_cpu() -> Callable[..., None] | None:
+    """The C++ parameter program `mtdl_fast._C.task_params_cpu`, or None when the extension lacks it."""
+    return getattr(ext(), "task_params_cpu", None)
+
+
 def _as_int(name: str, value: object) -> int:
     """value as an int (Python or numpy integers); TypeError naming the argument otherwise."""
     try:
@@ -385,11 +393,16 @@ class DistributionTasks(nn.Module):
         key = int(torch.randint(0, P.MAX_KEY, (), generator=generator, device=generator.device))
         return key, 0, key % _NOISE_SEED_MODULUS
 
-    def _program_runs_kernel(self, device: torch.device) -> bool:
-        """Whether the parameter program runs as the Triton kernel on `device` (else its torch twin)."""
+    def _program_path(self, device: torch.device) -> str:
+        """Where the parameter program runs for `device`: "triton" (the kernel: CUDA, or backend="triton"
+        under the interpreter), "cpu" (the C++ program, for CPU tensors when it is built) or "torch" (the
+        plain-torch twin: backend="torch" is the all-PyTorch reference, and the fallback). Every path
+        draws the same parameters."""
         if self.backend == "torch":
-            return False
-        return device.type == "cuda" or (self.backend == "triton" and interpreting())
+            return "torch"
+        if device.type == "cuda" or (self.backend == "triton" and interpreting()):
+            return "triton"
+        return "cpu" if device.type == "cpu" and _program_cpu() is not None else "torch"
 
     def _program_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The program's tables on `device`, copied there once."""
@@ -402,11 +415,15 @@ class DistributionTasks(nn.Module):
 
     def _run_program(self, batch_size: int, height: int, width: int, key: int, call: int,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        args = dict(batch_size=batch_size, height=height, width=width, key=key, call=call,
-                    n_values=self._program.n_values)
-        if self._program_runs_kernel(device):
-            return P.task_params(*self._program_tables(device), **args)
         prog = self._program
+        path = self._program_path(device)
+        if path == "cpu":  # one allocation, one call without the GIL
+            values, table = P.new_outputs(len(self), batch_size, prog.n_values, device)
+            _program_cpu()(prog.program, prog.consts, prog.base, values, table, height, width, key, call)
+            return values, table
+        args = dict(batch_size=batch_size, height=height, width=width, key=key, call=call, n_values=prog.n_values)
+        if path == "triton":
+            return P.task_params(*self._program_tables(device), **args)
         return P.task_params_torch(prog.program, prog.consts, prog.base, device=device, **args)
 
     # ----------------------------------------------------------------- applying
