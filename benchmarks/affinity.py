@@ -1,22 +1,19 @@
 """Inter-task affinity: TAG's naive loop against the batched AffinityTracker and a plain training step.
 
-K = 10 default tasks (views made once, untimed), ResNet-8 (64 features) with K linear heads, 32x32,
-float32, train mode. Contenders: ``naive loop`` (``lookahead.naive_affinity``: K gradients, K x K
-forwards), ``batched exact`` (the tracker's default; on CUDA also without the fused head + CE kernel;
-also at chunk sizes 5, 2, 1 for its peak memory), ``first_order``, ``plain step`` (per-view forwards,
-summed loss, backward, SGD: what training pays anyway) and ``plain step (stacked)`` (the trunk once on
-all K*B views: BatchNorm statistics then span the views).
-
-Guard, before timing: every batched exact Z equals the naive loop's within 1e-4 (TF32 off on CUDA).
-Timed by torch.utils.benchmark; each row's floor is its FLOPs (FlopCounterMode) at the published TF32
-peak (GPU) or a measured float32 ``torch.mm`` rate (CPU); peak memory from CUDA's allocator or, on
-Linux, the process's peak resident set over the call.
+K = 10 default tasks (views made once, untimed), ResNet-8 (64 features), K linear heads, 32x32, float32.
+Contenders: ``naive loop`` (``lookahead.naive_affinity``: K gradients, K x K forwards), ``batched
+exact`` (the tracker's default; on CUDA also without the fused head + CE kernel; at chunk sizes 5, 2, 1
+for peak memory), ``first_order``, ``plain step`` (what training pays anyway) and ``plain step
+(stacked)`` (the trunk once on all K*B views). Guard: every batched exact Z equals the naive loop's
+within 1e-4 (TF32 off). Floor: each row's FLOPs at the published TF32 peak (GPU) or a measured
+``torch.mm`` rate (CPU); peak memory from CUDA's allocator or the process's peak resident set (Linux).
 
     python -m benchmarks.affinity                      # cuda when present, else cpu (B=64)
     python -m benchmarks.affinity --device cpu --quick # B=4, K=3: a smoke run, not written
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import re
@@ -90,26 +87,25 @@ def peak_memory_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, 
     def status_kib(key: str) -> int:
         return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
-    if device.type == "cuda":
+    cuda, before = device.type == "cuda", None
+    if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        try:  # glibc's malloc_trim hands freed memory back first, so the call's peak shows in the resident set
+        with contextlib.suppress(OSError, AttributeError):  # malloc_trim first: the call's peak shows in the RSS
             ctypes.CDLL(None).malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")
             before = status_kib("VmRSS") * 1024
-        except (OSError, AttributeError):
-            before = None
     t0 = time.perf_counter()
     out = fn()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     if before is None:
         return out, seconds, None
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else status_kib("VmHWM") * 1024
-    return out, seconds, (peak - before) / 2**20
+    return out, seconds, ((torch.cuda.max_memory_allocated(device) if cuda else status_kib("VmHWM") * 1024)
+                          - before) / 2**20
 
 
 def flops_per_call(batch: int, k: int, device: torch.device) -> dict[str, int]:
@@ -142,14 +138,11 @@ def run(device: torch.device, batch: int, k: int, budget_s: float) -> list[dict[
         sweep = "chunk_size=" in name
         one_call = sweep and device.type == "cpu"  # a slow CPU step: the guard's call is the timing
         times = [first[name][0]] if one_call else common.time_call(fn, budget_s)
-        info: dict[str, Any] = {"items": batch, "flops": flops[name], "floor_s": flops[name] / peak,
-                                "columns": {"peak MiB": first[name][1]}, **common.conditions(load)}
-        if name in guard:
-            info["note"] = f"Z equals the naive loop's (max abs diff {guard[name]:.1e})" + "; one call" * one_call
-        if name == "batched exact":
-            info["role"] = "reference"
-        if name in TARGETS[device.type]:
-            info["target"] = TARGETS[device.type][name]
+        note = f"Z equals the naive loop's (max abs diff {guard[name]:.1e})" + "; one call" * one_call \
+            if name in guard else None
+        info: dict[str, Any] = {"items": batch, "flops": flops[name], "floor_s": flops[name] / peak, "note": note,
+                                "columns": {"peak MiB": first[name][1]}, "target": TARGETS[device.type].get(name),
+                                "role": "reference" if name == "batched exact" else None, **common.conditions(load)}
         case = "chunk sweep" if sweep else "one step"
         records.append(common.record(group, case, name.replace("batched exact, ", "") if sweep else name,
                                      times, **info))

@@ -1,25 +1,23 @@
 """The augmentation contenders: K views of a uint8 batch (B, 3, H, W), float32 out, each view's random
 parameters drawn from the same ranges (mtdl_fast.ops' defaults of the ten default tasks).
 
-* ``mtdl-fast <backend>``: ``DistributionTasks(TASKS, backend=...)(x)``, per-image parameters; one
-  contender per backend that accepts the input's device (a backend added to DistributionTasks joins
-  by itself). ``mtdl-fast triton (apply)``: the fused kernel alone, parameters drawn once.
-* ``torchvision per-image``: torchvision.transforms.v2 random transforms called image by image, so
-  every image gets its own parameters: the fair baseline.
-* ``torchvision batch``: the same transforms on the whole batch, one parameter set per call (less work).
+* ``mtdl-fast <backend>``: ``DistributionTasks(TASKS, backend=...)(x)``, per-image parameters, one per
+  backend that runs on the device; ``mtdl-fast triton (apply)``: the fused kernel alone.
+* ``torchvision per-image``: torchvision.transforms.v2 image by image (the fair baseline);
+  ``torchvision batch``: one parameter set per call (less work).
 * ``kornia per-sample``: kornia.augmentation, ``same_on_batch=False``, p = 1.
-* ``triton-augment`` (CUDA): the ops it has, on that subset of the tasks.
-* ``copy floor`` (CPU): a measured copy of the K float32 outputs (read + write): the memory floor.
+* ``triton-augment`` (CUDA): on the subset of the tasks it has. ``copy floor`` (CPU): the K outputs copied.
 
 ``build`` returns ``fn() -> (K', B, 3, H, W)`` float32 or raises ``Unavailable``. ``guard`` runs before
-timing: shape, dtype, finite values, the views with an exact answer (identity, horizontal flip) equal to
-it, and a fused backend's views equal to the torch path's for the same parameters (noise excluded).
+timing: shape, dtype, finite values, the exact views (identity, flip), and a fused backend's views
+against the torch path's for the same parameters (noise excluded).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+from torch.utils.data import default_collate
 
 import mtdl_fast as mf
 from mtdl_fast.ops import OPS
@@ -79,8 +77,26 @@ def build(name: str, x: torch.Tensor, tasks: list[str] = TASKS) -> Callable[[], 
     transforms = {"kornia per-sample": kornia_transforms, "triton-augment": triton_augment_transforms}.get(
         name, torchvision_transforms)(x.shape[-1], x.device)
     if name == "torchvision per-image":
-        return lambda: torch.stack([torch.stack([t(img) for img in _float(x)]) for t in transforms])
+        return lambda: per_image(transforms, x)
     return lambda: torch.stack([t(_float(x)) for t in transforms])
+
+
+def per_image(transforms: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+    """(K, B, C, H, W) float32: each transform called image by image on uint8 ``x`` (B, C, H, W)."""
+    return torch.stack([torch.stack([t(img) for img in _float(x)]) for t in transforms])
+
+
+class ViewsCollate:
+    """A peer of `mtdl_fast.loader.KViewCollate` in DataLoader workers: the batch stacked, then
+    ``make(images)`` (e.g. ``partial(per_image, transforms)``); without ``make`` the K float32 views are
+    left uncomputed (``torch.empty``): what sending them out of a worker costs. Returns (views, targets)."""
+
+    def __init__(self, make: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.make = make
+
+    def __call__(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = default_collate(samples)
+        return self.make(images) if self.make else torch.empty((len(TASKS), *images.shape)), targets
 
 
 def guard(name: str, fn: Callable[[], torch.Tensor], x: torch.Tensor) -> str:

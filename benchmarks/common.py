@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -62,10 +63,7 @@ def results_path(device: torch.device) -> Path:
 
 def load_average() -> float | None:
     """The 1-minute load average: other work on a shared machine skews CPU timings."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def conditions(load_before: float | None) -> dict[str, Any]:
@@ -82,21 +80,20 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     info = {"device": device_name(device), "node": platform.node(), "system": platform.system(),
             "python_version": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__}
     for name in ("torchvision", "triton", "kornia"):
-        try:
-            info[name] = __import__(name).__version__
-        except ImportError:
-            info[name] = None
+        info[name] = importlib.import_module(name).__version__ if importlib.util.find_spec(name) else None
     return info
 
 
 def record(group: str, case: str, contender: str, times_s: Iterable[float], **extra: Any) -> dict[str, Any]:
-    """A pytest-benchmark JSON record of per-call times (seconds) measured outside pytest."""
+    """A pytest-benchmark JSON record of per-call times (seconds) measured outside pytest; ``extra``
+    entries that are None are left out."""
     stats = Stats()
     for t in times_s:
         stats.update(t)
     name = f"{case} | {contender}" if case else contender
     return {"group": group, "name": name, "fullname": f"{group}::{name}", "params": None, "param": None,
-            "extra_info": {"case": case, "contender": contender, **extra}, "options": {},
+            "extra_info": {"case": case, "contender": contender, **{k: v for k, v in extra.items() if v is not None}},
+            "options": {},
             "stats": {**stats.as_dict(), "iterations": 1}}
 
 

@@ -1,9 +1,8 @@
-"""pytest-benchmark configuration of the CPU micro-benchmarks (``benchmarks/test_*.py``).
+"""pytest-benchmark configuration of the micro-benchmarks (``benchmarks/test_*.py``).
 
     python -m pytest benchmarks --benchmark-enable --benchmark-json benchmarks/results/<device>-cpu.json
     python -m pytest benchmarks --benchmark-enable --quick     # smallest sizes: a smoke run
 
-``--benchmark-enable`` overrides the project's pytest settings (benchmarks off in the test suite).
 Every record gets its thread count, load average, date and command; an existing ``--benchmark-json``
 file keeps the records this run does not make (the scripts', or tests left out with ``-k``).
 """

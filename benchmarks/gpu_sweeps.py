@@ -1,17 +1,13 @@
-"""GPU sweeps on triton.testing: ``do_bench`` times (L2 flushed before every call) and ``perf_report``
-writes a CSV and a plot per sweep to ``results/<gpu>-sweeps/``; the headline points also go to
-``results/<gpu>.json`` as records.
+"""GPU sweeps on triton.testing: ``do_bench`` times (L2 flushed before every call), ``perf_report``
+writes a CSV and a plot per sweep to ``results/<gpu>-sweeps/``; headline points go to
+``results/<gpu>.json``.
 
-* ``augment-32``, ``augment-224``: GB/s (the uint8 input read once, the K float32 views written) of
-  every contender of benchmarks/augment.py over the batch size (torchvision per image up to B=256);
-  each row's floor is its bytes at the measured copy bandwidth, and the share of the peak DRAM
-  bandwidth (``triton.testing.get_dram_gbps``) is recorded. triton-augment also meets the fused kernel
-  on its own five tasks.
-* ``lookahead-ce``: the fused head + cross-entropy kernel against its torch twin, K x K lookahead sets
-  of B rows (64 features, 10 classes), GB/s of the features read.
+* ``augment-32``, ``augment-224``: GB/s (uint8 input read once, K float32 views written) of every
+  contender of benchmarks/augment.py over the batch size; floor: the bytes at the measured copy
+  bandwidth; share of the peak DRAM bandwidth recorded; triton-augment also on its own five tasks.
+* ``lookahead-ce``: the fused head + cross-entropy kernel against its torch twin, K x K sets of B rows.
 
-Guards before timing: augment.guard, and the kernel's losses against the twin's. Without CUDA nothing
-runs (the CPU smoke test drives ``augment_record`` and ``ce_record`` with a CPU timer).
+Guards: augment.guard, the kernel's losses against the twin's. Without CUDA nothing runs.
 
     python -m benchmarks.gpu_sweeps
 """
@@ -24,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import triton.testing
 
 from benchmarks import augment, common
 from mtdl_fast.app.data import load_sample_photos
@@ -42,8 +39,6 @@ GPU_TARGETS = {"mtdl-fast triton (apply)": ("<= 1.43x floor", 224), "kornia per-
 
 
 def do_bench_ms(fn: Callable[[], Any]) -> list[float]:
-    import triton.testing
-
     return list(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all"))
 
 
@@ -55,11 +50,8 @@ def augment_record(contender: str, x: torch.Tensor, timer: Timer, copy_gbps: flo
         fn = augment.build(contender, x, tasks)
     except augment.Unavailable:
         return None
-    if tasks == augment.TASKS:
-        note = augment.guard(contender, fn, x)
-    else:
-        assert fn().shape == (len(tasks), *x.shape), f"{contender}: wrong output shape"
-        note = "triton-augment's tasks"
+    note = augment.guard(contender, fn, x) if tasks == augment.TASKS else "triton-augment's tasks"
+    assert fn().shape == (len(tasks), *x.shape), f"{contender}: wrong output shape"
     nbytes = augment.work_bytes(contender, x, len(tasks))
     ms = timer(fn)
     gbps = nbytes / (statistics.median(ms) * 1e6)
@@ -96,8 +88,6 @@ def ce_record(contender: str, batch: int, device: torch.device, timer: Timer, co
 
 def run(out_dir: Path, device: torch.device, timer: Timer = do_bench_ms) -> list[dict[str, Any]]:
     """Every sweep through perf_report (CSV + plot in ``out_dir``); the headline records."""
-    import triton.testing
-
     peak_gbps = triton.testing.get_dram_gbps() if device.type == "cuda" else None
     copy_gbps = common.copy_gbps(device)
     out_dir.mkdir(parents=True, exist_ok=True)  # perf_report saves the plot before it makes the folder

@@ -3,12 +3,9 @@
     python -m benchmarks.readme            # rewrite README.md between <!-- perf:begin --> and <!-- perf:end -->
     python -m benchmarks.readme --check    # exit 1 when that block is not what the results files give
 
-One section per results file (``benchmarks/results/*.json``, sorted by name), one table per
-pytest-benchmark group, one row per record (see common.py for the fields). Columns, where a row of the
-table has the data: ms/call (the median), images/s, GB/s, GFLOP/s, ``x floor`` (the median over the
-case's floor row's, or over the row's own FLOPs floor), ``x ref`` (over the case's reference row's),
-the record's own columns, the target (met or NOT met) and the note. The output depends on the files
-only, so rendering twice gives the same README.
+A section per results file (sorted by name), a table per pytest-benchmark group, a row per record
+(common.py has the fields): ms/call (median), images/s, GB/s, GFLOP/s, ``x floor`` and ``x ref`` (over
+the case's floor or reference row), the record's columns, the target (met or NOT met) and the note.
 """
 from __future__ import annotations
 
@@ -155,14 +152,12 @@ def update(readme: Path, results: Path = RESULTS, check: bool = False) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 when README.md is stale; change nothing")
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    p.add_argument("--results", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    stale = update(args.readme, args.results, check=args.check)
-    if args.check and stale:
-        print(f"{args.readme} is stale: run `python -m benchmarks.readme`", file=sys.stderr)
+    check, readme = p.parse_args(argv).check, ROOT / "README.md"
+    stale = update(readme, check=check)
+    if check and stale:
+        print(f"{readme} is stale: run `python -m benchmarks.readme`", file=sys.stderr)
         return 1
-    print(f"{args.readme}: {'updated' if stale else 'up to date'}")
+    print(f"{readme}: {'updated' if stale else 'up to date'}")
     return 0
 
 

@@ -5,10 +5,9 @@
     python -m benchmarks.run gpu              # make gpu-check: on a CUDA machine without network
     python -m benchmarks.run gpu --dry-run    # list the steps and budgets; check every script and test imports
 
-``gpu`` builds ``mtdl_fast._C`` against the machine's own torch (no download), runs the CUDA tests
-natively, then the GPU benchmarks at sizes that keep the total under 8 minutes on an H100/H200, into
-``benchmarks/results/<gpu-name>.json`` (CSV and plots in ``<gpu-name>-sweeps/``) and the README. A
-failed step (or one at twice its budget, then killed) is reported, the rest still run; exit status 1.
+``gpu`` builds ``mtdl_fast._C`` against the machine's torch, runs the CUDA tests natively, then the GPU
+benchmarks (under 8 minutes on an H100/H200) into ``results/<gpu-name>.json`` and the README. A failed
+step (or one killed at twice its budget) is reported, the rest still run; exit status 1.
 """
 from __future__ import annotations
 

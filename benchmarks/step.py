@@ -1,15 +1,12 @@
 """End-to-end MTDL training step: six ways to train the ten default tasks on one batch, side by side.
 
-The trainer's model (SmallResNet + K linear heads) and SGD, B = 256 uint8 32x32 images on the device;
-each variant trains its own copy of one initial model, augmentation inside the timed region: (a) what
-a user writes today: torchvision.transforms.v2 random transforms image by image for each view,
-per-view forwards, summed loss, one backward; (b) ``MTDLEngine`` without affinity; (c) first-order
-affinity every step; (d) exact affinity every 10 steps, timed over whole cycles; (e) exact every step;
-(f) loop (a) the LibMTL way: per-task gradients from K ``backward()`` calls, summed.
-
-Guard, before timing: (f)'s summed per-task gradients equal one backward (it does (a)'s work); every
-loss of every timed call is finite. The floor: the step's FLOPs (forward and backward on the K*B
-views, FlopCounterMode) at the published TF32 peak (GPU) or a measured ``torch.mm`` rate (CPU).
+The trainer's model (SmallResNet + K linear heads) and SGD, B = 256 uint8 32x32 images, each variant on
+its own copy of one model, augmentation timed: (a) torchvision.transforms.v2 image by image per view,
+per-view forwards, summed loss, one backward (what a user writes today); (b) ``MTDLEngine`` without
+affinity; (c) first-order affinity every step; (d) exact affinity every 10 steps, timed over whole
+cycles; (e) exact every step; (f) (a) the LibMTL way: per-task gradients from K ``backward()`` calls.
+Guard: (f)'s summed gradients equal one backward; every timed loss is finite. Floor: the step's FLOPs
+(FlopCounterMode) at the published TF32 peak (GPU) or a measured ``torch.mm`` rate (CPU).
 GPU targets: (b) >= 5x the images/s of (a), (d) <= 15% over (b).
 
     python -m benchmarks.step                      # cuda when present, else cpu (one core: ~5 min)
@@ -125,7 +122,7 @@ def step_flops(batch: int, device: torch.device) -> int:
 
 
 def run(device: torch.device, batch: int, every: int, budget_s: float) -> list[dict[str, Any]]:
-    """The guard, then the six variants and the augmentation alone, timed; the results file's records."""
+    """The guard, then the six variants, timed; the results file's records."""
     load = common.load_average()
     with common.strict_fp32():
         rel = libmtl_guard(device)
@@ -143,23 +140,12 @@ def run(device: torch.device, batch: int, every: int, budget_s: float) -> list[d
         times = [t / steps for t in common.time_call(lambda f=fn, out=losses: out.append(f()), budget_s)]
         flat = torch.cat([loss.reshape(-1) for loss in losses]).cpu()
         assert bool(torch.isfinite(flat).all()), f"variant ({letter}): a loss is not finite"
-        info: dict[str, Any] = {"items": batch, "note": f"loss {float(flat[0]):.3g} -> {float(flat[-1]):.3g}",
+        note = f"loss {float(flat[0]):.3g} -> {float(flat[-1]):.3g}" + (
+            f"; summed per-task gradients == one backward (rel. diff {rel:.0e})" if letter == "f" else "")
+        info: dict[str, Any] = {"items": batch, "note": note, "role": "reference" if letter == "b" else None,
+                                "target": GPU_TARGETS.get(letter) if device.type == "cuda" else None,
                                 **common.conditions(load)}
-        if letter == "b":
-            info["role"] = "reference"
-        if letter == "f":
-            info["note"] += f"; summed per-task gradients == one backward (rel. diff {rel:.0e})"
-        if device.type == "cuda" and letter in GPU_TARGETS:
-            info["target"] = GPU_TARGETS[letter]
         records.append(common.record(group, case, LABELS[letter].format(every=every), times, **info))
-    case = "augmentation alone (part of the steps above)"
-    ours = mf.DistributionTasks(augment.TASKS)
-    records.append(common.record(group, case, "mtdl-fast DistributionTasks",
-                                 common.time_call(lambda: ours(x), budget_s), items=batch, role="reference",
-                                 **common.conditions(load)))
-    records.append(common.record(group, case, "torchvision v2 per-image",
-                                 common.time_call(augment.build("torchvision per-image", x), budget_s), items=batch,
-                                 **common.conditions(load)))
     return records
 
 

@@ -1,10 +1,9 @@
 """Task grouping on one thread: the exact branch and bound (C++, ``mtdl_fast.select_groups``) against
 the exhaustive reference (``mtdl_fast.grouping.exhaustive_groups``) where that finishes in a minute.
-
-Matrices: "clustered" (symmetric N(0, 0.1) noise plus a bonus inside 2-4 hidden clusters, like
-measured affinities) and "uniform" U(-1, 1); HOA cases use the pair losses ``1 - clustered`` with
-single-task losses on the diagonal. Guard: wherever the exhaustive search ran, the branch and bound
-finds the same optimum (to 1e-12). Targets: K=10 budget 4 under 2 s, K=12 budget 3 under 10 s.
+Matrices: "clustered" (symmetric N(0, 0.1) noise plus a bonus inside 2-4 hidden clusters, like measured
+affinities) and "uniform" U(-1, 1); HOA: pair losses ``1 - clustered``, single-task losses on the
+diagonal. Guard: the branch and bound finds the exhaustive optimum (to 1e-12) wherever that ran.
+Targets: K=10 budget 4 under 2 s, K=12 budget 3 under 10 s.
 """
 import numpy as np
 import pytest

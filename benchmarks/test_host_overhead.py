@@ -1,10 +1,9 @@
-"""Host overhead of the fused Triton path: ``DistributionTasks(backend="triton")(x)`` for the ten default
-tasks, B = 256, 3x32x32 uint8, with every Triton kernel launch stubbed out (``run`` of Triton's
-JITFunction and of its interpreter's stand-in), so what is timed is everything around the kernels. On
-``--device cuda`` the rest are real CUDA launches; on a CPU it runs under TRITON_INTERPRET=1 (conftest.py).
-A TorchDispatchMode counts one call's aten ops (each a launch on CUDA) and host reads of tensor data
-(``.item()``, device-to-host copies: a synchronisation each on CUDA). Guard: every call reaches the
-(stubbed) launches. Goal: 0.3 ms.
+"""Host overhead of the fused Triton path: ``DistributionTasks(backend="triton")(x)``, ten default tasks,
+B = 256, 3x32x32 uint8, every Triton kernel launch stubbed out (``run`` of JITFunction and of the
+interpreter's stand-in), so what is timed is everything around the kernels (on a CPU under
+TRITON_INTERPRET=1). A TorchDispatchMode counts one call's aten ops (a launch each on CUDA) and host
+reads (``.item()``, device-to-host copies: a sync each on CUDA). Guard: every call reaches the launches.
+Goal: 0.3 ms.
 """
 import pytest
 import torch

@@ -14,8 +14,7 @@ CONTENDERS = ["plain step", "affinity_moments", "affinity_moments (torch twin)",
 
 
 def _affinity_moments_args(device: torch.device):
-    """Base losses (K,), lookahead losses (K, K) (fresh, positive), a zero count and zero moments,
-    and the decay the tracker's EMA mode uses."""
+    """Fresh positive base (K,) and lookahead (K, K) losses, zero count and moments, the EMA's decay."""
     gen = torch.Generator().manual_seed(2)
     base, lookahead = ((torch.rand(s, generator=gen, dtype=torch.float64) + 1.5).to(device) for s in ((K,), (K, K)))
     count = torch.zeros(K, K, dtype=torch.int64, device=device)

@@ -70,8 +70,9 @@ def test_quick_suite_writes_one_results_file_the_readme_renders(tmp_path):
     common.merge(results, [gpu_sweeps.augment_record("mtdl-fast torch", x, timer, 10.0, None),
                            gpu_sweeps.ce_record("torch twin", 4, CPU, timer, 10.0)], CPU)
     groups = {r["group"].split(" (")[0].split(",")[0] for r in json.loads(results.read_text())["benchmarks"]}
-    assert groups == {"augment", "grouping", "reductions", "host overhead of the Triton path", "training step",
-                      "affinity", "augment sweeps", "lookahead cross-entropy sweep"}
+    assert groups == {"augment", "augment in DataLoader workers", "grouping", "reductions",
+                      "host overhead of the Triton path", "training step", "affinity", "augment sweeps",
+                      "lookahead cross-entropy sweep"}
     text = readme.render(tmp_path)
     assert "finds the exhaustive optimum" in text and "Z equals the naive loop's" in text
     assert "summed per-task gradients == one backward" in text and "identity and flip views exact" in text
