@@ -449,18 +449,16 @@ class DistributionTasks(nn.Module):
         return "cpu" if _fused_cpu()[0] is not None else "torch"
 
     def _apply(self, x: torch.Tensor, params: TaskParams) -> torch.Tensor:
-        out = torch.empty((len(self), *x.shape), dtype=self.out_dtype, device=x.device)
-        if x.shape[0] == 0:
-            return out
         backend = self.resolve_backend(x)
-        if backend == "torch":
-            return self._apply_torch(x, params, out)
+        if backend == "torch" or x.shape[0] == 0:
+            out = torch.empty((len(self), *x.shape), dtype=self.out_dtype, device=x.device)
+            return out if x.shape[0] == 0 else self._apply_torch(x, params, out)
         if params.image_size is None:  # warps need the images' size: the same draws again, for it
             params = self._sized(params, x)
         spatial, ops, table = self.kernel_tables(params, x.device)
-        launch = self._fused_launcher(backend, x)
+        launch = self._fused_launcher(backend, x)  # it allocates the output (the C++ path onto huge pages)
         return launch(x, spatial, ops, table, seed=params.seed, out_dtype=self.out_dtype, mean=self.mean,
-                      std=self.std, out=out)
+                      std=self.std)
 
     def _sized(self, params: TaskParams, x: torch.Tensor) -> TaskParams:
         height, width = (int(s) for s in x.shape[-2:])

@@ -19,6 +19,7 @@ the torch path.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 
 import pytest
@@ -291,6 +292,39 @@ def test_empty_inputs_give_empty_outputs():
     assert fused_views_cpu(torch.empty(2, 3, 0, 5), spatial, ops, params).shape == (2, 2, 3, 0, 5)
     spatial, ops, params, _ = build([], 2, 3, 8, 8)  # no views at all
     assert fused_views_cpu(torch.rand(2, 3, 8, 8), spatial, ops, params).shape == (0, 2, 3, 8, 8)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise huge pages are Linux's")
+def test_an_output_it_allocates_is_advised_onto_huge_pages():
+    spatial, ops, params, _ = build([[], [rotate()], [contrast()]], 8, 3, 224, 224, seed=48)
+    x = rand_images(8, 3, 224, 224, seed=49)
+    got = fused_views_cpu(x, spatial, ops, params)  # 14 MB: its own mapping, advised before the first write
+    assert "hg" in _vm_flags(got.data_ptr() + got.nbytes // 2)
+    given = torch.full_like(got, float("nan"))
+    assert fused_views_cpu(x, spatial, ops, params, out=given) is given and torch.equal(given, got)
+
+
+def test_huge_page_advice_keeps_the_data():
+    t = torch.rand(3 << 20)  # 12 MB, written before the advice
+    want = t.clone()
+    assert ext().advise_huge_pages(t) is sys.platform.startswith("linux")
+    assert torch.equal(t, want)
+    assert ext().advise_huge_pages(torch.rand(1000)) is False  # under two huge pages: nothing to advise
+    with pytest.raises(RuntimeError, match="must be a CPU tensor"):
+        ext().advise_huge_pages(torch.empty(3 << 20, device="meta"))
 
 
 def _call(fn, x, spatial, ops, params, **kw):
