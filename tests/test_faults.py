@@ -1,4 +1,4 @@
-"""Fault tests (issue #6 hardening): what a crash, a damaged checkpoint or a NaN does to a run.
+"""Fault tests: what a crash, a damaged checkpoint or a NaN does to a run.
 
 1. Killed runs: `python -m mtdl_fast run` SIGKILLed mid-epoch after a periodic checkpoint, then
    resumed with --resume, ends exactly where an uninterrupted run ends (results.json, metrics,

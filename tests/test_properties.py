@@ -833,7 +833,7 @@ def _partition_optimum(m: np.ndarray, budget: int, method: str) -> float:
 
 
 def _collection_value(m: np.ndarray, groups: list[list[int]], method: str) -> float:
-    """The value of a collection by the rule (SEMANTICS.md), recomputed in plain Python: each
+    """The value of a collection by TAG's rule (the best-serving group per task), recomputed in plain Python: each
     task takes its best member score over the groups containing it; the mean over tasks."""
     k = m.shape[0]
     best = []
