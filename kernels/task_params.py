@@ -664,7 +664,9 @@ def _run_group(state: _TwinState, code: int, views: list[int], rows: list[list[i
         ratio = width / height
         fw = torch.where(ratio > r_hi, torch.round(height * r_hi), float(width))
         fw = torch.where(ratio < r_lo, float(width), fw)
-        fh = torch.where(ratio < r_lo, torch.round(width / r_lo), float(height))
+        # a tensor over a tensor: `width / r_lo` would run as width * r_lo.reciprocal(), one rounding off
+        # torchvision's (and the kernel's) true division
+        fh = torch.where(ratio < r_lo, torch.round(torch.full_like(r_lo, float(width)) / r_lo), float(height))
         h, w = torch.where(found, h, fh), torch.where(found, w, fw)
         top = torch.where(found, top, torch.floor((height - fh) * 0.5))
         left = torch.where(found, left, torch.floor((width - fw) * 0.5))

@@ -125,6 +125,8 @@ def test_both_box_branches_are_compared():
     (16, 16, (0.99, 1.0), (5.0, 6.0), (6, 0, 3, 16)),    # W / H below the ratios: full width, h = round(W / 5)
     (4, 16, (0.99, 1.0), (0.2, 0.5), (0, 7, 4, 2)),      # W / H above them: full height, w = round(H * 0.5)
     (16, 4, (2.0, 3.0), (0.2, 0.3), (0, 0, 16, 4)),      # W / H within them: the whole image
+    # W / r_lo = 6.5 in true division, 6.500000000000001 as W * (1 / r_lo): true division, as torchvision
+    (10, 3, (2.0, 3.0), (0.4615384615384615, 1.0), (2, 0, 6, 3)),
 ])
 def test_every_image_falls_back(height, width, scale, ratio, box):
     """Ranges no attempt can meet (the last one's areas exceed the image: raw constants, as no task
