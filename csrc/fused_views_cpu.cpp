@@ -1314,11 +1314,11 @@ std::map<std::string, int64_t> fused_views_abi() {
 bool advise_huge_pages(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), "advise_huge_pages: t must be a CPU tensor, got one on ", t.device());
 #ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20, kOwnMapping = uintptr_t{32} << 20;  // glibc's largest heap block
   const auto* storage = static_cast<const char*>(t.storage().data());
+  if (storage == nullptr || t.storage().nbytes() < kOwnMapping) return false;
   const auto begin = (reinterpret_cast<uintptr_t>(storage) + kHuge - 1) & ~(kHuge - 1);
   const auto end = (reinterpret_cast<uintptr_t>(storage) + t.storage().nbytes()) & ~(kHuge - 1);
-  if (storage == nullptr || end < begin + 2 * kHuge) return false;
   return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
 #else
   return false;

@@ -31,8 +31,9 @@ void fused_views_cpu(const at::Tensor& x, const at::Tensor& spatial, const at::T
 // Asks Linux to back the 2 MiB-aligned part of t's memory with transparent huge pages (madvise
 // MADV_HUGEPAGE) before anything touches it: a fresh output of hundreds of MB otherwise pays a page
 // fault per 4 KiB on its first write, which on a virtual machine costs more than computing the views.
-// Advice only: the data is unchanged, and it is a no-op off Linux, below 4 MiB, or where the kernel
-// refuses (THP "never"). Returns whether the advice was taken.
+// Only from 32 MiB: glibc serves smaller buffers from its heap, where the advice would outlive the
+// tensor and reach unrelated allocations. Advice only: the data is unchanged; off Linux a no-op.
+// Returns whether madvise accepted it (which says nothing of THP's mode: under "never" it is unused).
 bool advise_huge_pages(const at::Tensor& t);
 
 }  // namespace mtdl

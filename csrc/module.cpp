@@ -45,8 +45,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("spatial"), py::arg("ops"), py::arg("params"), py::arg("seed"), py::arg("mean"),
         py::arg("std"), py::arg("normalize"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("advise_huge_pages", &mtdl::advise_huge_pages,
-        "madvise(MADV_HUGEPAGE) over the 2 MiB-aligned part of a CPU tensor's memory (Linux; >= 4 MiB): a fresh "
-        "output's first write then faults once per 2 MiB, not per 4 KiB. Data unchanged; returns whether taken.",
+        "madvise(MADV_HUGEPAGE) over the 2 MiB-aligned part of a CPU tensor's memory (Linux; >= 32 MiB): a fresh "
+        "output's first write then faults once per 2 MiB, not per 4 KiB. Data unchanged; returns whether accepted.",
         py::arg("t"));
   m.def("task_params_abi", &mtdl::task_params_abi,
         "The parameter program ABI: every PARAM_* code, PROGRAM_WIDTH, N_CONSTS and BOX_ATTEMPTS by name.");

@@ -8,8 +8,8 @@ draws the kernel's Philox4x32-10 stream: the same seed gives the same noise on e
 
 The loop runs in the extension without the GIL, parallel over (image, row tile) on torch's intra-op
 threads (`torch.set_num_threads`; one thread inside DataLoader workers). It reads each source pixel
-once per thread and keeps a view's state for a tile of rows in L1. An output it allocates is advised
-onto transparent huge pages (Linux) before the first write: at B=32 3x224x224 the 4 KiB page faults
+once per thread and keeps a view's state for a tile of rows in L1. An output it allocates of 32 MiB or
+more is advised onto transparent huge pages (Linux) before the first write: at B=32 3x224x224 the 4 KiB page faults
 of a fresh 193 MB output cost more than the views themselves.
 """
 from __future__ import annotations
@@ -67,8 +67,9 @@ def fused_views_cpu(
     if not available():
         raise RuntimeError("fused_views_cpu needs the compiled extension mtdl_fast._C; build it with "
                            "`pip install --no-build-isolation -e .` (or use DistributionTasks(backend='torch'))")
-    if prog.out is None:  # untouched yet: huge pages spare the first write a page fault per 4 KiB
-        ext().advise_huge_pages(result)
+    advise = getattr(ext(), "advise_huge_pages", None)  # absent from builds that predate it
+    if prog.out is None and advise is not None:  # untouched yet: huge pages spare the first write 4 KiB faults
+        advise(result)
     ext().fused_views_cpu(x, prog.spatial.contiguous(), prog.ops.contiguous(), params.contiguous(), prog.seed,
                           list(prog.mean), list(prog.std), prog.normalize, result)
     return result
