@@ -99,19 +99,20 @@ class ViewsCollate:
         return self.make(images) if self.make else torch.empty((len(TASKS), *images.shape)), targets
 
 
-def guard(name: str, fn: Callable[[], torch.Tensor], x: torch.Tensor) -> str:
-    """AssertionError when the contender does not make the views it claims; else what was checked."""
+def guard(name: str, fn: Callable[[], torch.Tensor] | None, x: torch.Tensor, made: tuple | None = None) -> str:
+    """AssertionError when the contender does not make the views it claims; else what was checked.
+    ``made``: (views, their TaskParams or None) made elsewhere (DataLoader workers), checked instead."""
     if name == "copy floor":
         fn()
         return "measured copy"
-    reference = None
-    if name.startswith("mtdl-fast") and name.split()[1] != "torch":
+    views, params = made if made is not None else (None, None)
+    if made is None and name.startswith("mtdl-fast") and name.split()[1] != "torch":
         ours = mf.DistributionTasks(TASKS, seed=0, backend=name.split()[1])
         params = ours.sample(x.shape[0], tuple(x.shape[-2:]), device=x.device)
-        reference = mf.DistributionTasks(TASKS, seed=0, backend="torch").apply(x, params)
         views = ours.apply(x, params)
-    else:
+    elif made is None:
         views = fn()
+    reference = None if params is None else mf.DistributionTasks(TASKS, seed=0, backend="torch").apply(x, params)
     names = TRITON_AUGMENT_TASKS if name == "triton-augment" else TASKS
     assert views.shape == (len(names), *x.shape) and views.dtype == torch.float32, (name, views.shape, views.dtype)
     assert bool(torch.isfinite(views).all()), f"{name}: non-finite views"
