@@ -7,24 +7,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_alignment import B, K, buffers_equal, resnet, views
 from torch import nn
 from torch.func import functional_call, vmap
 
 from mtdl_fast.affinity import AffinityTracker, _batch_stat_copy
 from mtdl_fast.lookahead import naive_affinity
-from mtdl_fast.models import SmallResNet, linear_heads
+from mtdl_fast.models import linear_heads
 from mtdl_fast.research.soft_sharing import SoftSharedTrunk
-
-K, B = 3, 4
-
-
-def resnet(seed: int = 0) -> SmallResNet:
-    torch.manual_seed(seed)
-    return SmallResNet(1, width=4)
-
-
-def views(seed: int = 1) -> torch.Tensor:
-    return torch.rand(K, B, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
 def diverged(trunk: SoftSharedTrunk, seed: int = 2) -> SoftSharedTrunk:
@@ -35,11 +25,6 @@ def diverged(trunk: SoftSharedTrunk, seed: int = 2) -> SoftSharedTrunk:
             p = trunk.get_parameter(name)
             p.add_(0.1 * torch.randn(p.shape, generator=g))
     return trunk
-
-
-def assert_same_buffers(a: nn.Module, b: nn.Module, atol: float) -> None:
-    for (name, x), (_, y) in zip(a.named_buffers(), b.named_buffers()):
-        torch.testing.assert_close(x, y, atol=atol, rtol=0, msg=name)
 
 
 def test_copies_start_as_the_given_trunk_which_is_left_alone():
@@ -64,7 +49,7 @@ def test_forward_views_equals_k_separate_forwards(layers, train):
     out = batched.forward_views(x)
     expected = torch.stack([looped(x[k], k) for k in range(K)])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert_same_buffers(batched, looped, atol=1e-6)  # per-copy and shared running statistics
+    buffers_equal(batched, looped, atol=1e-6)  # per-copy and shared running statistics
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     ((out * weights).sum() + batched.regularization()).backward()
     ((expected * weights).sum() + looped.regularization()).backward()
