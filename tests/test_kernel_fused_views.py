@@ -353,9 +353,9 @@ def test_sharpen_small_images_unchanged(device):
     assert torch.equal(out, reference(x, refs))
 
 
-@pytest.mark.parametrize("shape", [(3, 3, 7, 9), (2, 1, 11, 13)])
-def test_chains(shape, device):
-    views = [
+def chain_views() -> list:
+    """Long op chains behind each spatial stage (fresh step objects on every call)."""
+    return [
         [rotate(fill=True), hue(), contrast(), erase()],
         [blur(), saturation(), posterize()],
         [sharpen(), brightness(), contrast(), solarize()],
@@ -363,6 +363,11 @@ def test_chains(shape, device):
         [brightness(), saturation(), hue(), contrast(), solarize(), posterize(), invert(), erase()],
         [hflip(), contrast()],
     ]
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 7, 9), (2, 1, 11, 13)])
+def test_chains(shape, device):
+    views = chain_views()
     out, ref = run_and_ref(views, shape, device, seed=9)
     for v, steps in enumerate(views):
         tol = TOL_WARP if steps[0].name.startswith(("rotate", "resized")) else TOL_HUE
