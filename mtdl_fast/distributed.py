@@ -12,6 +12,7 @@ Every function here is a no-op, or the identity, in a single process.
 """
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -63,10 +64,21 @@ def init_from_env(device: str | torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    """Leave the process group joined by `init_from_env` (nothing in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(completed: bool = True) -> None:
+    """Leave the process group joined by `init_from_env` (nothing in a single process).
+
+    After `completed` work the ranks meet at a barrier first (a rank leaving on an error does not
+    wait for peers that may never come), so none tears down its backend while a peer still has a
+    collective in flight, and the garbage of the run (DistributedDataParallel's reducer holds the
+    group) is collected while the interpreter is whole: a gloo group left to interpreter teardown
+    can abort the process after the work is done.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if completed and dist.get_world_size() > 1:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def rank_seed(seed: int, rank_: int | None = None) -> int:

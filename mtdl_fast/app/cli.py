@@ -396,6 +396,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _resumed_config(args) if args.resume is not None else _config_from(args)
     dist_utils.init_from_env(resolve_device(config.device))  # under torchrun: join its process group
     main = dist_utils.is_main()
+    completed = False
     try:
         out = _on_rank0(lambda: _run_dir(args))
         try:
@@ -407,8 +408,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted; continue with --resume {out / 'checkpoint.pt'}", file=sys.stderr)
             return 130
+        completed = True
     finally:
-        dist_utils.shutdown()
+        dist_utils.shutdown(completed)
     if not main:
         return EXIT_OK
     groups = results["groups"]
