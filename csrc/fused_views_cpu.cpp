@@ -60,7 +60,7 @@
 // (x86-64-v3) and for baseline x86-64 and picked at load time; everything they call is inlined
 // into them, so each is one loop nest with its own register allocation.
 #if defined(MTDL_FV_X86) && !defined(_WIN32)
-#define MTDL_FV_STAGE __attribute__((target_clones("arch=x86-64-v3", "default"), noinline))
+#define MTDL_FV_STAGE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), noinline))
 #elif defined(__GNUC__) || defined(__clang__)
 #define MTDL_FV_STAGE __attribute__((noinline))
 #else
@@ -82,7 +82,7 @@ using namespace fv;
 
 constexpr int64_t kTilePixels = 2048;       // pixels per work item (state: 3 * 8 KiB)
 constexpr int64_t kMinItemPixels = 1 << 15;  // pixel-views per thread before another thread helps
-constexpr int64_t kNoiseBlock = 256;         // pixels per noise block (a multiple of 8, on the stack)
+constexpr int64_t kNoiseBlock = 256;         // pixels per noise block (a multiple of 16, on the stack)
 constexpr int kMaxBlurRadius = MAX_BLUR_KSIZE / 2;
 constexpr int kOutFloat = 0, kOutHalf = 1, kOutBFloat16 = 2;
 
@@ -116,6 +116,7 @@ struct Plan {
   int64_t tile_rows = 1, n_tiles = 1, tile_px = 1;
   bool has_warp = false;  // some view samples through ws.pixels
   bool avx2 = false;      // the CPU runs AVX2 (the noise's Philox rounds use it)
+  bool avx512 = false;    // ... and AVX-512F (16 counters per step)
   // contrast: position of OP_CONTRAST in each view's row (MAX_OPS: none)
   std::vector<int> contrast_pos;
   double* partials = nullptr;             // (K, B, n_tiles), written by the pre-pass
@@ -436,6 +437,45 @@ MTDL_FV_INLINE void store_lanes(Lanes v, int64_t C, float* const* dst, int64_t x
   }
 }
 
+#ifdef MTDL_FV_X86
+// Columns [0, n8) of warp_row_bilinear's sum (n8 a multiple of 8) with AVX2: two pixels per register
+// (a tap's four channels in each half, the weights spread to match), the same products and sums in
+// the same order, then eight (r, g, b, 0) pixels transposed into three planar stores.
+__attribute__((target("avx2"), noinline)) void bilinear_gather_avx2(const float* px, const int32_t* offset,
+                                                                     const float* nw, const float* ne,
+                                                                     const float* sw, const float* se,
+                                                                     int64_t below, int64_t n8, int64_t C,
+                                                                     float* const* dst) {
+  const __m256i pair[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                           _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t x = 0; x < n8; x += 8) {
+    const __m256 w0 = _mm256_loadu_ps(nw + x), w1 = _mm256_loadu_ps(ne + x), w2 = _mm256_loadu_ps(sw + x),
+                 w3 = _mm256_loadu_ps(se + x);
+    __m256 two[4];  // pixels (x + 2k, x + 2k + 1)
+    for (int k = 0; k < 4; ++k) {
+      const float* a = px + offset[x + 2 * k];
+      const float* b = px + offset[x + 2 * k + 1];
+      const __m256 t0 = _mm256_loadu2_m128(b, a), t1 = _mm256_loadu2_m128(b + 4, a + 4);
+      const __m256 t2 = _mm256_loadu2_m128(b + below, a + below), t3 = _mm256_loadu2_m128(b + below + 4, a + below + 4);
+      __m256 v = _mm256_add_ps(_mm256_mul_ps(t0, _mm256_permutevar8x32_ps(w0, pair[k])),
+                               _mm256_mul_ps(t1, _mm256_permutevar8x32_ps(w1, pair[k])));
+      v = _mm256_add_ps(v, _mm256_mul_ps(t2, _mm256_permutevar8x32_ps(w2, pair[k])));
+      two[k] = _mm256_add_ps(v, _mm256_mul_ps(t3, _mm256_permutevar8x32_ps(w3, pair[k])));
+    }
+    // per 128-bit half: pixels (0, 2, 4, 6) and (1, 3, 5, 7) as rows of a 4 x 4 transpose
+    const __m256 lo01 = _mm256_unpacklo_ps(two[0], two[1]), lo23 = _mm256_unpacklo_ps(two[2], two[3]);
+    const __m256 r = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(lo01, lo23, 0x44), order);
+    _mm256_storeu_ps(dst[0] + x, r);
+    if (C == 3) {
+      const __m256 hi01 = _mm256_unpackhi_ps(two[0], two[1]), hi23 = _mm256_unpackhi_ps(two[2], two[3]);
+      _mm256_storeu_ps(dst[1] + x, _mm256_permutevar8x32_ps(_mm256_shuffle_ps(lo01, lo23, 0xEE), order));
+      _mm256_storeu_ps(dst[2] + x, _mm256_permutevar8x32_ps(_mm256_shuffle_ps(hi01, hi23, 0x44), order));
+    }
+  }
+}
+#endif
+
 // Bilinear sampling of one output row, grid_sample(align_corners=False, padding_mode="zeros") in
 // pixel indices: out = a nw + b ne + d sw + e se (in this order), all channels at once.
 MTDL_FV_INLINE void warp_row_bilinear(const Plan& p, Workspace& ws, const Tile& t, const float* px, int64_t y,
@@ -448,7 +488,14 @@ MTDL_FV_INLINE void warp_row_bilinear(const Plan& p, Workspace& ws, const Tile& 
   const RowMap r = row_map(p, t, y);
   bilinear_taps(r, W, has_fill, nw, ne, sw, se, msk, offset);
   const int64_t below = 4 * static_cast<int64_t>(r.wp);
-  for (int64_t x = 0; x < W; ++x) {
+  int64_t x = 0;
+#ifdef MTDL_FV_X86
+  if (p.avx2) {
+    x = W - W % 8;
+    bilinear_gather_avx2(px, offset, nw, ne, sw, se, below, x, C, dst);
+  }
+#endif
+  for (; x < W; ++x) {
     const float* q = px + offset[x];
     const Lanes v = load_lanes(q) * nw[x] + load_lanes(q + 4) * ne[x] + load_lanes(q + below) * sw[x] +
                     load_lanes(q + below + 4) * se[x];
@@ -530,7 +577,9 @@ MTDL_FV_INLINE void unit_taps_row(const float* MTDL_FV_RESTRICT up, const float*
 }
 
 // A flip (is_flip) on contiguous rows. Nearest: the source pixel; bilinear: unit_taps_row, then with a
-// fill (the ones mask is exactly 1) (img - fill) * 1 + fill, as the kernel computes it.
+// fill (the ones mask is exactly 1) (img - fill) * 1 + fill, as the kernel computes it. From uint8
+// every source value is finite and >= +0, so unit_taps_row's a * 1 + (+0) + (+0) + (+0) is a itself:
+// the bilinear flip is the plain copy too.
 MTDL_FV_INLINE void flip(const Plan& p, Workspace& ws, const Tile& t) {
   const float* prm = t.prm;
   const bool mirror = prm[SLOT_M0] < 0.f, nearest = prm[SLOT_NEAREST] > 0.5f;
@@ -546,16 +595,16 @@ MTDL_FV_INLINE void flip(const Plan& p, Workspace& ws, const Tile& t) {
       const float* up = src.plane[c] + sy * src.stride;
       const float* down = sy + 1 < p.H ? up + src.stride : ws.zeros.get();
       float* MTDL_FV_RESTRICT o = t.s[c] + (y - t.y0) * W;
-      if (nearest) {
+      if (nearest || p.in_dtype == at::kByte) {
         if (mirror) {
           for (int64_t x = 0; x < W; ++x) o[x] = up[W - 1 - x];
         } else {
           std::memcpy(o, up, static_cast<size_t>(W) * sizeof(float));
         }
-        continue;
+      } else {
+        unit_taps_row(up, down, o, W, mirror);
       }
-      unit_taps_row(up, down, o, W, mirror);
-      if (has_fill) {
+      if (has_fill && !nearest) {
         for (int64_t x = 0; x < W; ++x) o[x] = (o[x] - fill) * 1.f + fill;
       }
     }
@@ -880,8 +929,8 @@ MTDL_FV_INLINE void sincos_turns(float u, float* sn, float* cs) {
 #ifdef MTDL_FV_X86
 // uniforms() for 8 counters per step with AVX2 intrinsics: the same bits. GCC vectorises the
 // portable Philox round with a shuffle per 64-bit product; here each 32 x 32 -> 64 product pair of
-// even and odd lanes is two vpmuludq and two blends. Writes round_up(m, 8) entries: the callers'
-// arrays hold kNoiseBlock, a multiple of 8.
+// even and odd lanes is two vpmuludq and two blends. Writes round_up(m, 16) entries: the callers'
+// arrays hold kNoiseBlock, a multiple of 16.
 __attribute__((target("avx2"))) inline void mul_hi_lo(__m256i x, __m256i k, __m256i* hi, __m256i* lo) {
   const __m256i even = _mm256_mul_epu32(x, k);
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), k);
@@ -927,6 +976,52 @@ __attribute__((target("avx2"), noinline)) void uniforms_avx2(uint32_t base_lo, u
   }
 }
 
+// The same for 16 counters per step with AVX-512: half the instructions per counter.
+__attribute__((target("avx512f"))) inline void mul_hi_lo16(__m512i x, __m512i k, __m512i* hi, __m512i* lo) {
+  const __m512i even = _mm512_mul_epu32(x, k);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), k);
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+__attribute__((target("avx512f"))) inline __m512 to_uniform16(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srai_epi32(x, 31));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(4.6566127342e-10f));
+}
+
+__attribute__((target("avx512f"), noinline)) void uniforms_avx512(uint32_t base_lo, uint32_t base_hi, int64_t i0,
+                                                                  int64_t m, uint32_t k0, uint32_t k1, float* u0,
+                                                                  float* u1, float* u2, float* u3) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i mul_a = _mm512_set1_epi32(static_cast<int32_t>(kPhiloxM0));
+  const __m512i mul_b = _mm512_set1_epi32(static_cast<int32_t>(kPhiloxM1));
+  const __m512i base_lo_v = _mm512_set1_epi32(static_cast<int32_t>(base_lo));
+  for (int64_t i = 0; i < m; i += 16) {
+    __m512i a = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(base_lo + static_cast<uint32_t>(i0 + i))), lane);
+    // carry into the high word where the low word wrapped (unsigned a < base_lo)
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(a, base_lo_v);
+    __m512i b = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(base_hi)), carry,
+                                      _mm512_set1_epi32(static_cast<int32_t>(base_hi)), _mm512_set1_epi32(1));
+    __m512i c = _mm512_setzero_si512(), d = _mm512_setzero_si512();
+    uint32_t key0 = k0, key1 = k1;
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      __m512i hb, lb, ha, la;
+      mul_hi_lo16(c, mul_b, &hb, &lb);
+      mul_hi_lo16(a, mul_a, &ha, &la);
+      a = _mm512_xor_si512(_mm512_xor_si512(hb, b), _mm512_set1_epi32(static_cast<int32_t>(key0)));
+      c = _mm512_xor_si512(_mm512_xor_si512(ha, d), _mm512_set1_epi32(static_cast<int32_t>(key1)));
+      b = lb;
+      d = la;
+      key0 += kPhiloxW0;
+      key1 += kPhiloxW1;
+    }
+    _mm512_storeu_ps(u0 + i, to_uniform16(a));
+    _mm512_storeu_ps(u1 + i, to_uniform16(b));
+    _mm512_storeu_ps(u2 + i, to_uniform16(c));
+    _mm512_storeu_ps(u3 + i, to_uniform16(d));
+  }
+}
+
 __attribute__((target("avx"), noinline)) void sqrt_avx(float* v, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, _mm256_sqrt_ps(_mm256_loadu_ps(v + i)));
@@ -956,6 +1051,10 @@ MTDL_FV_INLINE void uniforms(const Plan& p, uint32_t base_lo, uint32_t base_hi, 
                              float* MTDL_FV_RESTRICT u0, float* MTDL_FV_RESTRICT u1, float* MTDL_FV_RESTRICT u2,
                              float* MTDL_FV_RESTRICT u3) {
 #ifdef MTDL_FV_X86
+  if (p.avx512) {
+    uniforms_avx512(base_lo, base_hi, i0, m, p.seed_lo, p.seed_hi, u0, u1, u2, u3);
+    return;
+  }
   if (p.avx2) {
     uniforms_avx2(base_lo, base_hi, i0, m, p.seed_lo, p.seed_hi, u0, u1, u2, u3);
     return;
@@ -1292,6 +1391,7 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& spatial, const at::Tensor&
   p.tile_px = p.tile_rows * p.W;
 #ifdef MTDL_FV_X86
   p.avx2 = __builtin_cpu_supports("avx2");
+  p.avx512 = __builtin_cpu_supports("avx512f");
 #endif
   p.has_warp = std::any_of(p.spatial, p.spatial + p.K, [](int32_t code) { return code == SPATIAL_WARP; });
   p.contrast_pos.assign(static_cast<size_t>(p.K), MAX_OPS);

@@ -19,6 +19,8 @@ the torch path.
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 import sys
 import threading
 
@@ -262,6 +264,38 @@ def test_the_same_bits_for_any_thread_count():
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
     assert torch.equal(one, fused_views_cpu(x, spatial, ops, params, seed=9))
+
+
+ISA_SCRIPT = """
+import sys, torch
+from mtdl_fast.fused_cpu import fused_views_cpu
+x, spatial, ops, params = torch.load(sys.argv[1])
+torch.save((torch.backends.cpu.get_cpu_capability(), fused_views_cpu(x, spatial, ops, params, seed=11)), sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind to present a CPU without AVX-512")
+def test_every_isa_clone_gives_the_same_bits(tmp_path):
+    """The stages are compiled per ISA and picked at load time, so a machine tests only its own clone.
+    Valgrind presents this CPU without AVX-512: the same program there must give the same bits."""
+    own = torch.backends.cpu.get_cpu_capability()
+    if "AVX512" not in own:
+        pytest.skip(f"this CPU ({own}) runs the clone valgrind would")
+    views = [[make()] for make in STAGES] + chain_views() + [[affine(), invert()], [brightness()]]
+    B, C, H, W = 2, 3, 13, 37
+    x = rand_images(B, C, H, W, seed=47, dtype=torch.uint8)
+    spatial, ops, params, _ = build(views, B, C, H, W, seed=48)
+    ops[-1, 1] = fv.OP_NOISE
+    params[-1, :, fv.SLOT_NOISE_SIGMA] = 0.2
+    torch.save((x, spatial, ops, params), tmp_path / "in.pt")
+    cmd = ["valgrind", "-q", "--tool=none", sys.executable, "-c", ISA_SCRIPT, str(tmp_path / "in.pt"),
+           str(tmp_path / "out.pt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs, views_there = torch.load(tmp_path / "out.pt")
+    assert "AVX512" not in theirs, theirs
+    assert torch.equal(views_there.view(torch.int32), fused_views_cpu(x, spatial, ops, params, seed=11).view(torch.int32))
 
 
 def test_out_is_fully_overwritten_and_returned():
