@@ -81,6 +81,7 @@ namespace {
 using namespace fv;
 
 constexpr int64_t kTilePixels = 2048;       // pixels per work item (state: 3 * 8 KiB)
+constexpr int64_t kWarpBlock = 256;          // pixels per block of a bilinear warp (taps: 7 KiB)
 constexpr int64_t kMinItemPixels = 1 << 15;  // pixel-views per thread before another thread helps
 constexpr int64_t kNoiseBlock = 256;         // pixels per noise block (a multiple of 16, on the stack)
 constexpr int kMaxBlurRadius = MAX_BLUR_KSIZE / 2;
@@ -138,14 +139,16 @@ struct Workspace {
         rows(uninitialised<float>(3 * (p.tile_rows + 2 * kMaxBlurRadius) * (p.W + 2 * kMaxBlurRadius))),
         pixels(p.has_warp ? uninitialised<float>(4 * pixel_count(p)) : nullptr),
         pixel_row_ready(new uint8_t[static_cast<size_t>(p.H)]()),
-        weights(uninitialised<float>(5 * p.W)),
-        taps(uninitialised<int32_t>(2 * p.W)),
+        weights(uninitialised<float>(5 * warp_block_rows(p) * p.W)),
+        taps(uninitialised<int32_t>(2 * warp_block_rows(p) * p.W)),
         zeros(new float[static_cast<size_t>(p.W)]()) {}
   // Padded width of `pixels`, and its size in pixels: H + 2 rows of W + 2, then a zero tail that
   // out-of-bounds taps read (two rows, so that a tap pair and the pair below it both lie in it).
   static int64_t padded_width(const Plan& p) { return p.W + 2; }
   static int64_t pixel_count(const Plan& p) { return (p.H + 4) * padded_width(p); }
   static int64_t zero_pixel(const Plan& p) { return (p.H + 2) * padded_width(p); }
+  // Rows per block of a bilinear warp: about kWarpBlock pixels, at least one row.
+  static int64_t warp_block_rows(const Plan& p) { return std::max<int64_t>(1, kWarpBlock / std::max<int64_t>(1, p.W)); }
   std::unique_ptr<float[]> image;        // C planes of H x W: source rows converted to float32
   std::unique_ptr<uint8_t[]> converted;  // per row of `image`: converted for image `image_b`?
   int64_t image_b = -1;
@@ -158,8 +161,8 @@ struct Workspace {
   std::unique_ptr<float[]> pixels;
   std::unique_ptr<uint8_t[]> pixel_row_ready;
   int64_t pixels_b = -1;
-  std::unique_ptr<float[]> weights;      // warp: per-row tap weights (and the fill mask)
-  std::unique_ptr<int32_t[]> taps;       // warp: per-row float offsets into `pixels` (and in-bounds flags)
+  std::unique_ptr<float[]> weights;      // warp: per-block tap weights (and the fill mask)
+  std::unique_ptr<int32_t[]> taps;       // warp: per-block float offsets into `pixels` (and in-bounds flags)
   std::unique_ptr<float[]> zeros;        // a row of W zeros: the row below the image
 };
 
@@ -389,13 +392,14 @@ MTDL_FV_INLINE void source_xy(const RowMap& r, int32_t x, float* sx, float* sy) 
   *sy = v > r.cy1 ? r.cy1 : v;
 }
 
-// Bilinear taps of one row: grid_sample's weights nw = (x1 - sx) (y1 - sy), ne, sw, se, and the float
+// Bilinear taps of `rows` rows from r's row on, row after row: grid_sample's weights nw = (x1 - sx) (y1 - sy), ne, sw, se, and the float
 // offset of the top-left tap in ws.pixels (a tap pair and the pair below it; when no tap is in the
 // image, the zero tail). With a fill, msk = the same sampling of an all-ones image.
-MTDL_FV_INLINE void bilinear_taps(const RowMap& r, int64_t W, bool fill, float* MTDL_FV_RESTRICT nw,
+MTDL_FV_INLINE void bilinear_taps(RowMap r, int64_t rows, int64_t W, bool fill, float* MTDL_FV_RESTRICT nw,
                                   float* MTDL_FV_RESTRICT ne, float* MTDL_FV_RESTRICT sw, float* MTDL_FV_RESTRICT se,
                                   float* MTDL_FV_RESTRICT msk, int32_t* MTDL_FV_RESTRICT offset) {
   // int32 columns: AVX2 converts int32, not int64, to float (W < 2^31 is checked)
+  for (int64_t row = 0; row < rows; ++row, r.yf += 1.f, nw += W, ne += W, sw += W, se += W, msk += W, offset += W) {
   for (int32_t x = 0; x < static_cast<int32_t>(W); ++x) {
     float sx, sy;
     source_xy(r, x, &sx, &sy);
@@ -417,6 +421,7 @@ MTDL_FV_INLINE void bilinear_taps(const RowMap& r, int64_t W, bool fill, float* 
       msk[x] = ((in_y0 & in_x0) ? a : 0.f) + ((in_y0 & in_x1) ? b : 0.f) + ((in_y1 & in_x0) ? c : 0.f) +
                ((in_y1 & in_x1) ? d : 0.f);
     }
+  }
   }
 }
 
@@ -476,26 +481,28 @@ __attribute__((target("avx2"), noinline)) void bilinear_gather_avx2(const float*
 }
 #endif
 
-// Bilinear sampling of one output row, grid_sample(align_corners=False, padding_mode="zeros") in
-// pixel indices: out = a nw + b ne + d sw + e se (in this order), all channels at once.
-MTDL_FV_INLINE void warp_row_bilinear(const Plan& p, Workspace& ws, const Tile& t, const float* px, int64_t y,
-                                      float* const* dst) {
-  const int64_t W = p.W, C = p.C;
+// Bilinear sampling of output rows [y, y + rows) (rows * W <= kWarpBlock, or one row), grid_sample(
+// align_corners=False, padding_mode="zeros") in pixel indices: out = a nw + b ne + d sw + e se (in this
+// order), all channels at once. The block's rows are contiguous in the state, so taps, sums and fill
+// each run as one loop over rows * W pixels: at 32 pixels a row, per-row set-up would cost as much.
+MTDL_FV_INLINE void warp_rows_bilinear(const Plan& p, Workspace& ws, const Tile& t, const float* px, int64_t y,
+                                       int64_t rows, float* const* dst) {
+  const int64_t n = rows * p.W, C = p.C;
   const bool has_fill = t.prm[SLOT_HAS_FILL] > 0.5f;
   float* nw = ws.weights.get();
-  float *ne = nw + W, *sw = nw + 2 * W, *se = nw + 3 * W, *msk = nw + 4 * W;
+  float *ne = nw + n, *sw = nw + 2 * n, *se = nw + 3 * n, *msk = nw + 4 * n;
   int32_t* offset = ws.taps.get();
   const RowMap r = row_map(p, t, y);
-  bilinear_taps(r, W, has_fill, nw, ne, sw, se, msk, offset);
+  bilinear_taps(r, rows, p.W, has_fill, nw, ne, sw, se, msk, offset);
   const int64_t below = 4 * static_cast<int64_t>(r.wp);
   int64_t x = 0;
 #ifdef MTDL_FV_X86
   if (p.avx2) {
-    x = W - W % 8;
+    x = n - n % 8;
     bilinear_gather_avx2(px, offset, nw, ne, sw, se, below, x, C, dst);
   }
 #endif
-  for (; x < W; ++x) {
+  for (; x < n; ++x) {
     const float* q = px + offset[x];
     const Lanes v = load_lanes(q) * nw[x] + load_lanes(q + 4) * ne[x] + load_lanes(q + below) * sw[x] +
                     load_lanes(q + below + 4) * se[x];
@@ -505,7 +512,7 @@ MTDL_FV_INLINE void warp_row_bilinear(const Plan& p, Workspace& ws, const Tile& 
     const float fill = t.prm[SLOT_FILL];
     for (int64_t c = 0; c < C; ++c) {
       float* MTDL_FV_RESTRICT o = dst[c];
-      for (int64_t x = 0; x < W; ++x) o[x] = (o[x] - fill) * msk[x] + fill;
+      for (int64_t x = 0; x < n; ++x) o[x] = (o[x] - fill) * msk[x] + fill;
     }
   }
 }
@@ -620,13 +627,14 @@ MTDL_FV_STAGE void warp(const Plan& p, Workspace& ws, const Tile& t) {
   warp_rows(p, t, &r0, &r1);
   const float* px = pixel_rows(p, ws, t.b, r0, r1);
   const bool nearest = t.prm[SLOT_NEAREST] > 0.5f;
-  for (int64_t y = t.y0; y < t.y1; ++y) {
+  const int64_t block = nearest ? 1 : Workspace::warp_block_rows(p);
+  for (int64_t y = t.y0; y < t.y1; y += block) {
     const int64_t off = (y - t.y0) * p.W;
     float* dst[3] = {t.s[0] + off, t.s[1] + off, t.s[2] + off};
     if (nearest) {
       warp_row_nearest(p, ws, t, px, y, dst);
     } else {
-      warp_row_bilinear(p, ws, t, px, y, dst);
+      warp_rows_bilinear(p, ws, t, px, y, std::min(block, t.y1 - y), dst);
     }
   }
 }
@@ -1232,14 +1240,30 @@ MTDL_FV_INLINE uint16_t bfloat16_bits(float v) {
   return v != v ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r);
 }
 
+#ifdef MTDL_FV_X86
+// d[0, n) = s[0, n) with non-temporal stores (d 32-byte aligned): the K views are written once and
+// not read back by this call, so they skip the read-for-ownership a cached store costs.
+__attribute__((target("avx"), noinline)) void stream_copy_avx(const float* s, float* d, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(d + i, _mm256_loadu_ps(s + i));
+  for (; i < n; ++i) d[i] = s[i];
+}
+#endif
+
 template <int kOut>
 MTDL_FV_INLINE void store_plane(const float* MTDL_FV_RESTRICT s, int64_t n, bool normalize, float mean, float stdv,
-                                char* dst_bytes) {
+                                char* dst_bytes, bool stream) {
   if (kOut == kOutFloat) {
     float* MTDL_FV_RESTRICT d = reinterpret_cast<float*>(dst_bytes);
     if (normalize) {
       for (int64_t i = 0; i < n; ++i) d[i] = (s[i] - mean) / stdv;
     } else {
+#ifdef MTDL_FV_X86
+      if (stream && reinterpret_cast<uintptr_t>(d) % 32 == 0) {
+        stream_copy_avx(s, d, n);
+        return;
+      }
+#endif
       std::memcpy(d, s, static_cast<size_t>(n) * 4);
     }
   } else if (kOut == kOutBFloat16) {
@@ -1263,9 +1287,11 @@ MTDL_FV_STAGE void store_tile(const Plan& p, const Tile& t) {
   for (int64_t c = 0; c < p.C; ++c) {
     char* dst = p.out + (((t.v * p.B + t.b) * p.C + c) * p.HW + t.y0 * p.W) * p.out_elem;
     switch (p.out_kind) {
-      case kOutHalf: store_plane<kOutHalf>(t.s[c], t.n, p.normalize, p.mean[c], p.stdv[c], dst); break;
-      case kOutBFloat16: store_plane<kOutBFloat16>(t.s[c], t.n, p.normalize, p.mean[c], p.stdv[c], dst); break;
-      default: store_plane<kOutFloat>(t.s[c], t.n, p.normalize, p.mean[c], p.stdv[c], dst); break;
+      case kOutHalf: store_plane<kOutHalf>(t.s[c], t.n, p.normalize, p.mean[c], p.stdv[c], dst, p.avx2); break;
+      case kOutBFloat16:
+        store_plane<kOutBFloat16>(t.s[c], t.n, p.normalize, p.mean[c], p.stdv[c], dst, p.avx2);
+        break;
+      default: store_plane<kOutFloat>(t.s[c], t.n, p.normalize, p.mean[c], p.stdv[c], dst, p.avx2); break;
     }
   }
 }
@@ -1302,7 +1328,12 @@ void run_items(const Plan& p, bool prepass, int64_t begin, int64_t end) {
 void run_pass(const Plan& p, bool prepass) {
   const int64_t items = p.B * p.n_tiles;
   const int64_t grain = std::max<int64_t>(1, kMinItemPixels / std::max<int64_t>(1, p.tile_px * p.K));
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { run_items(p, prepass, begin, end); });
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    run_items(p, prepass, begin, end);
+#ifdef MTDL_FV_X86
+    _mm_sfence();  // this thread's non-temporal stores are visible before the call returns
+#endif
+  });
 }
 
 // ---- argument checks (the Python launcher gives the friendly messages; these keep memory safe) --
