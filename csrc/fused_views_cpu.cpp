@@ -236,15 +236,26 @@ MTDL_FV_INLINE void convert_row(const T* MTDL_FV_RESTRICT src, int64_t sxw, floa
   }
 }
 
+// Each run of rows not yet converted: per channel one loop over the run when its rows are contiguous
+// in x (a 32-pixel row alone is too short a loop), else row by row.
 template <typename T>
 MTDL_FV_INLINE void convert_rows_as(const Plan& p, Workspace& ws, int64_t b, int64_t r0, int64_t r1) {
   const T* img = reinterpret_cast<const T*>(p.x) + b * p.sxb;
+  const bool flat = p.sxw == 1 && p.sxh == p.W;
   for (int64_t r = r0; r < r1; ++r) {
     if (ws.converted[r]) continue;
+    int64_t end = r + 1;
+    while (end < r1 && !ws.converted[end]) ++end;
     for (int64_t c = 0; c < p.C; ++c) {
-      convert_row(img + c * p.sxc + r * p.sxh, p.sxw, ws.image.get() + c * p.HW + r * p.W, p.W);
+      float* dst = ws.image.get() + c * p.HW;
+      if (flat) {
+        convert_row(img + c * p.sxc + r * p.sxh, 1, dst + r * p.W, (end - r) * p.W);
+      } else {
+        for (int64_t q = r; q < end; ++q) convert_row(img + c * p.sxc + q * p.sxh, p.sxw, dst + q * p.W, p.W);
+      }
     }
-    ws.converted[r] = 1;
+    std::memset(ws.converted.get() + r, 1, static_cast<size_t>(end - r));
+    r = end;
   }
 }
 
@@ -667,15 +678,16 @@ MTDL_FV_INLINE void blur_taps(int r, float sigma, float* taps) {
 // Eight lanes of float32 (GCC and clang vector extensions: one AVX register, or two SSE ones).
 typedef float Lanes8 __attribute__((vector_size(32)));
 
-// out[k] = sum over d in [0, taps) of w[d] * in[k + d * step], k in [0, n), summed in order of d
+// out[k] = sum over d in [0, kTaps) of w[d] * in[k + d * step], k in [0, n), summed in order of d
 // (from 0). Eight outputs at a time accumulate every tap in a register: one store per eight outputs
-// whatever the tap count.
+// whatever the tap count; the tap count is a template argument, so the tap loop unrolls.
+template <int kTaps>
 MTDL_FV_INLINE void filter_flat(const float* MTDL_FV_RESTRICT in, float* MTDL_FV_RESTRICT out, int64_t n,
-                                const float* w, int taps, int64_t step) {
+                                const float* w, int64_t step) {
   int64_t k = 0;
   for (; k + 8 <= n; k += 8) {
     Lanes8 acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int d = 0; d < taps; ++d) {
+    for (int d = 0; d < kTaps; ++d) {
       Lanes8 v;
       std::memcpy(&v, in + k + d * step, sizeof(v));
       acc += w[d] * v;
@@ -684,8 +696,24 @@ MTDL_FV_INLINE void filter_flat(const float* MTDL_FV_RESTRICT in, float* MTDL_FV
   }
   for (; k < n; ++k) {
     float acc = 0.f;
-    for (int d = 0; d < taps; ++d) acc += w[d] * in[k + d * step];
+    for (int d = 0; d < kTaps; ++d) acc += w[d] * in[k + d * step];
     out[k] = acc;
+  }
+}
+
+// filter_flat for a radius r in [0, kMaxBlurRadius] (2 r + 1 taps).
+MTDL_FV_INLINE void filter_radius(int r, const float* MTDL_FV_RESTRICT in, float* MTDL_FV_RESTRICT out, int64_t n,
+                                  const float* w, int64_t step) {
+  static_assert(kMaxBlurRadius == 7, "one case per radius");
+  switch (r) {
+    case 0: filter_flat<1>(in, out, n, w, step); break;
+    case 1: filter_flat<3>(in, out, n, w, step); break;
+    case 2: filter_flat<5>(in, out, n, w, step); break;
+    case 3: filter_flat<7>(in, out, n, w, step); break;
+    case 4: filter_flat<9>(in, out, n, w, step); break;
+    case 5: filter_flat<11>(in, out, n, w, step); break;
+    case 6: filter_flat<13>(in, out, n, w, step); break;
+    default: filter_flat<15>(in, out, n, w, step); break;
   }
 }
 
@@ -717,9 +745,9 @@ MTDL_FV_STAGE void blur(const Plan& p, Workspace& ws, const Tile& t) {
       std::memcpy(dst + rx, row, static_cast<size_t>(W) * sizeof(float));
       for (int64_t x = W; x < W + rx; ++x) dst[x + rx] = row[reflect(x, W)];
     }
-    filter_flat(padded, across, nv * S - 2 * rx, tx, 2 * rx + 1, 1);
+    filter_radius(rx, padded, across, nv * S - 2 * rx, tx, 1);
     for (int64_t k = nv * S - 2 * rx; k < nv * S; ++k) across[k] = 0.f;  // read by dropped columns only
-    filter_flat(across, down, R * S, ty, 2 * ry + 1, S);
+    filter_radius(ry, across, down, R * S, ty, S);
     for (int64_t y = 0; y < R; ++y) {
       std::memcpy(t.s[c] + y * W, down + y * S, static_cast<size_t>(W) * sizeof(float));
     }
