@@ -34,10 +34,6 @@
 #include <limits>
 #include <memory>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MTDL_FV_X86 1
 #include <immintrin.h>
@@ -1468,20 +1464,6 @@ std::map<std::string, int64_t> fused_views_abi() {
   std::map<std::string, int64_t> abi;
   MTDL_FUSED_VIEWS_ABI(MTDL_ABI_MAP_ENTRY)
   return abi;
-}
-
-bool advise_huge_pages(const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), "advise_huge_pages: t must be a CPU tensor, got one on ", t.device());
-#ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20, kOwnMapping = uintptr_t{32} << 20;  // glibc's largest heap block
-  const auto* storage = static_cast<const char*>(t.storage().data());
-  if (storage == nullptr || t.storage().nbytes() < kOwnMapping) return false;
-  const auto begin = (reinterpret_cast<uintptr_t>(storage) + kHuge - 1) & ~(kHuge - 1);
-  const auto end = (reinterpret_cast<uintptr_t>(storage) + t.storage().nbytes()) & ~(kHuge - 1);
-  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
-#else
-  return false;
-#endif
 }
 
 void fused_views_cpu(const at::Tensor& x, const at::Tensor& spatial, const at::Tensor& ops, const at::Tensor& params,

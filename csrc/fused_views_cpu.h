@@ -28,12 +28,4 @@ void fused_views_cpu(const at::Tensor& x, const at::Tensor& spatial, const at::T
                      int64_t seed, const std::vector<double>& mean, const std::vector<double>& std, bool normalize,
                      const at::Tensor& out);
 
-// Asks Linux to back the 2 MiB-aligned part of t's memory with transparent huge pages (madvise
-// MADV_HUGEPAGE) before anything touches it: a fresh output of hundreds of MB otherwise pays a page
-// fault per 4 KiB on its first write, which on a virtual machine costs more than computing the views.
-// Only from 32 MiB: glibc serves smaller buffers from its heap, where the advice would outlive the
-// tensor and reach unrelated allocations. Advice only: the data is unchanged; off Linux a no-op.
-// Returns whether madvise accepted it (which says nothing of THP's mode: under "never" it is unused).
-bool advise_huge_pages(const at::Tensor& t);
-
 }  // namespace mtdl

@@ -6,6 +6,7 @@
 #include "affinity.h"
 #include "fused_views_cpu.h"
 #include "group_search.h"
+#include "output_pool.h"
 #include "task_params_cpu.h"
 
 namespace {
@@ -44,10 +45,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Releases the GIL.",
         py::arg("x"), py::arg("spatial"), py::arg("ops"), py::arg("params"), py::arg("seed"), py::arg("mean"),
         py::arg("std"), py::arg("normalize"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
-  m.def("advise_huge_pages", &mtdl::advise_huge_pages,
-        "madvise(MADV_HUGEPAGE) over the 2 MiB-aligned part of a CPU tensor's memory (Linux; >= 32 MiB): a fresh "
-        "output's first write then faults once per 2 MiB, not per 4 KiB. Data unchanged; returns whether accepted.",
-        py::arg("t"));
+  m.def("empty_output", &mtdl::empty_output,
+        "An uninitialised contiguous CPU tensor for fused_views_cpu's output: from 32 MiB on (Linux) a mapping "
+        "advised onto huge pages and kept for reuse when freed (at most two kept), else at::empty.",
+        py::arg("sizes"), py::arg("dtype"));
+  m.def("release_cached_outputs", &mtdl::release_cached_outputs,
+        "Unmap every freed output mapping kept for reuse; returns their bytes.");
+  m.def("cached_output_bytes", &mtdl::cached_output_bytes, "Bytes of freed output mappings kept for reuse.");
   m.def("task_params_abi", &mtdl::task_params_abi,
         "The parameter program ABI: every PARAM_* code, PROGRAM_WIDTH, N_CONSTS and BOX_ATTEMPTS by name.");
   m.def("task_params_cpu", &mtdl::task_params_cpu,

@@ -13,7 +13,9 @@ the torch path.
 * Against DistributionTasks(backend="torch") for the same sampled params, within the budgets the
   README states for the fused kernel against the torch path.
 * float16 / bfloat16 outputs round like torch's .to(); the same bits for any thread count; `out`
-  fully overwritten; empty inputs; the launcher's checks and messages; garbage parameters stay in
+  fully overwritten; outputs from 32 MiB on advised onto huge pages and reused once freed (at most
+  two kept, through shared memory too); every ISA clone gives the same bits (valgrind hides AVX-512);
+  empty inputs; the launcher's checks and messages; garbage parameters stay in
   bounds; the GIL is released during the call.
 """
 from __future__ import annotations
@@ -295,7 +297,8 @@ def test_every_isa_clone_gives_the_same_bits(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     theirs, views_there = torch.load(tmp_path / "out.pt")
     assert "AVX512" not in theirs, theirs
-    assert torch.equal(views_there.view(torch.int32), fused_views_cpu(x, spatial, ops, params, seed=11).view(torch.int32))
+    here = fused_views_cpu(x, spatial, ops, params, seed=11)
+    assert torch.equal(views_there.view(torch.int32), here.view(torch.int32))
 
 
 def test_out_is_fully_overwritten_and_returned():
@@ -345,14 +348,67 @@ def test_an_output_it_allocates_is_advised_onto_huge_pages():
     assert fused_views_cpu(x, spatial, ops, params, out=given) is given and torch.equal(given, got)
 
 
-def test_huge_page_advice_keeps_the_data():
-    t = torch.rand(9 << 20)  # 36 MiB, written before the advice
-    want = t.clone()
-    assert ext().advise_huge_pages(t) is sys.platform.startswith("linux")
-    assert torch.equal(t, want)
-    assert ext().advise_huge_pages(torch.rand(7 << 20)) is False  # under 32 MiB: maybe glibc's heap, not advised
-    with pytest.raises(RuntimeError, match="must be a CPU tensor"):
-        ext().advise_huge_pages(torch.empty(9 << 20, device="meta"))
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the output pool maps memory on Linux")
+def test_a_freed_output_is_reused_and_fully_overwritten():
+    """Outputs from 32 MiB on come from the pool: a freed one is handed to the next call of its size
+    with the last views still in it, and every byte is written again; one in use never is."""
+    from mtdl_fast.fused_cpu import empty_cache
+
+    empty_cache()
+    views = [[], [rotate()], [contrast()], [hflip()], [blur()]]
+    spatial, ops, params, _ = build(views, 16, 3, 224, 224, seed=50)
+    x, other = rand_images(16, 3, 224, 224, seed=51), rand_images(16, 3, 224, 224, seed=52)
+    first = fused_views_cpu(other, spatial, ops, params)  # 48 MB
+    held = fused_views_cpu(other, spatial, ops, params)
+    assert held.data_ptr() != first.data_ptr(), "a mapping in use is never handed out"
+    address = first.data_ptr()
+    del first
+    assert ext().cached_output_bytes() >= 5 * 16 * 3 * 224 * 224 * 4
+    reused = fused_views_cpu(x, spatial, ops, params)
+    assert reused.data_ptr() == address and ext().cached_output_bytes() == 0
+    want = fused_views_cpu(x, spatial, ops, params, out=torch.full_like(reused, float("nan")))
+    assert torch.equal(reused, want)
+    assert fused_views_cpu(x[:8], spatial, ops, params[:, :8]).data_ptr() != held.data_ptr()  # another size
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the output pool maps memory on Linux")
+def test_the_pool_keeps_at_most_two_and_empties():
+    from mtdl_fast.fused_cpu import empty_cache
+
+    empty_cache()
+    size = [9 << 20]  # 36 MiB of float32
+    outs = [ext().empty_output(size, torch.float32) for _ in range(3)]
+    for t in outs:
+        t.fill_(1.5)
+    del outs
+    assert ext().cached_output_bytes() == 2 * (9 << 22)
+    assert empty_cache() == 2 * (9 << 22) and ext().cached_output_bytes() == 0
+    small = ext().empty_output([3, 5], torch.bfloat16)  # under 32 MiB: glibc's heap, never pooled
+    assert small.shape == (3, 5) and small.dtype == torch.bfloat16
+    del small
+    assert ext().cached_output_bytes() == 0
+    with pytest.raises(RuntimeError, match="negative size"):
+        ext().empty_output([-1, 9 << 20], torch.float32)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the output pool maps memory on Linux")
+def test_a_pooled_output_moves_to_shared_memory_and_back_to_the_pool():
+    """What a DataLoader worker does with the views it returns: the storage moves to shared memory
+    (the data copied), and the pool's mapping is freed into the pool, from whichever thread."""
+    from mtdl_fast.fused_cpu import empty_cache
+
+    empty_cache()
+    spatial, ops, params, _ = build([[rotate()], [hflip()]], 32, 3, 224, 224, seed=53)
+    x = rand_images(32, 3, 224, 224, seed=54)
+    views = fused_views_cpu(x, spatial, ops, params)  # 38.5 MB
+    want = views.clone()
+    views.share_memory_()
+    assert views.is_shared() and torch.equal(views, want)
+    assert ext().cached_output_bytes() >= views.nbytes
+    freed = threading.Thread(target=lambda: fused_views_cpu(x, spatial, ops, params))
+    freed.start()
+    freed.join()
+    assert ext().cached_output_bytes() >= views.nbytes
 
 
 def _call(fn, x, spatial, ops, params, **kw):
