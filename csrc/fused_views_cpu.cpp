@@ -19,9 +19,11 @@
 //   float64 here) and the noise's log (a polynomial here) agree to float rounding.
 // * OP_CONTRAST needs the mean gray of the state just before it over the whole image: a pre-pass
 //   runs those views up to the op and writes one float64 partial sum per (view, image, tile); the
-//   means sum the partials in tile order (deterministic, independent of the thread count).
-// * Each stage is compiled for AVX2 and for baseline x86-64 and picked at load time (MTDL_FV_STAGE);
-//   the noise's Philox rounds use AVX2 intrinsics where the CPU has them.
+//   means sum the partials in tile order (deterministic, independent of the thread count). When
+//   every image is one tile the main pass sums its own state there instead, the same way.
+// * Each stage is compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
+//   (MTDL_FV_STAGE); the noise's Philox rounds and the bilinear gather use intrinsics where the CPU
+//   has them, and float32 views are stored non-temporally.
 #include "fused_views_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -287,6 +289,7 @@ MTDL_FV_STAGE Source source_rows(const Plan& p, Workspace& ws, int64_t b, int64_
 struct Tile {
   int64_t v, b, y0, y1, n;
   const float* prm;  // params[v, b, :]
+  float contrast_mu;  // OP_CONTRAST's mean gray of this view on image b
   float* s[3];       // state planes (s[1], s[2] unused when C == 1)
 };
 
@@ -1170,7 +1173,7 @@ MTDL_FV_INLINE void run_op(const Plan& p, const Tile& t, int op, int j) {
       for (int64_t c = 0; c < C; ++c) op_scale_clamp(t.s[c], n, prm[SLOT_BRIGHTNESS]);
       break;
     case OP_CONTRAST: {
-      const float mu = p.contrast_mean[t.v * p.B + t.b];
+      const float mu = t.contrast_mu;
       for (int64_t c = 0; c < C; ++c) op_blend_const(t.s[c], n, prm[SLOT_CONTRAST], mu);
       break;
     }
@@ -1204,6 +1207,11 @@ MTDL_FV_INLINE void run_op(const Plan& p, const Tile& t, int op, int j) {
 }
 
 // Spatial stage, then ops[v, :n_ops].
+MTDL_FV_INLINE void run_ops(const Plan& p, const Tile& t, int from, int to) {
+  const int32_t* row = p.ops + t.v * MAX_OPS;
+  for (int j = from; j < to; ++j) run_op(p, t, row[j], j);
+}
+
 MTDL_FV_INLINE void run_view(const Plan& p, Workspace& ws, const Tile& t, int n_ops) {
   switch (p.spatial[t.v]) {
     case SPATIAL_WARP: warp(p, ws, t); break;
@@ -1211,8 +1219,7 @@ MTDL_FV_INLINE void run_view(const Plan& p, Workspace& ws, const Tile& t, int n_
     case SPATIAL_SHARPEN: sharpen(p, ws, t); break;
     default: copy_rows(p, ws, t); break;
   }
-  const int32_t* row = p.ops + t.v * MAX_OPS;
-  for (int j = 0; j < n_ops; ++j) run_op(p, t, row[j], j);
+  run_ops(p, t, 0, n_ops);
 }
 
 // Sum of gray over the tile in float64, 8 fixed lanes (vectorisable, and the same order on every ISA).
@@ -1322,7 +1329,15 @@ MTDL_FV_STAGE void store_tile(const Plan& p, const Tile& t) {
 
 // ---- the two passes over work items [begin, end) -----------------------------------------------
 
-// prepass: the views with OP_CONTRAST, up to it, into partials; else: every view, stored to out.
+// The mean gray of a view on one image from its tiles' partial sums, in tile order.
+MTDL_FV_INLINE float contrast_mean_of(const double* partials, int64_t n_tiles, int64_t HW) {
+  double sum = 0.0;
+  for (int64_t tile = 0; tile < n_tiles; ++tile) sum += partials[tile];
+  return static_cast<float>(sum / static_cast<double>(HW));
+}
+
+// prepass: the views with OP_CONTRAST, up to it, into partials (unless every image is one tile: the
+// main pass then takes the mean itself); else: every view, stored to out.
 void run_items(const Plan& p, bool prepass, int64_t begin, int64_t end) {
   Workspace ws(p);
   for (int64_t item = begin; item < end; ++item) {
@@ -1341,7 +1356,15 @@ void run_items(const Plan& p, bool prepass, int64_t begin, int64_t end) {
         if (cpos == MAX_OPS) continue;
         run_view(p, ws, t, cpos);
         p.partials[(v * p.B + b) * p.n_tiles + tile] = gray_sum(p, t);
+      } else if (cpos < MAX_OPS && p.n_tiles == 1) {
+        // The image is this one tile: its mean is the state's own, summed as the pre-pass would.
+        run_view(p, ws, t, cpos);
+        const double partial = gray_sum(p, t);
+        t.contrast_mu = contrast_mean_of(&partial, 1, p.HW);
+        run_ops(p, t, cpos, MAX_OPS);
+        store_tile(p, t);
       } else {
+        if (cpos < MAX_OPS) t.contrast_mu = p.contrast_mean[v * p.B + b];
         run_view(p, ws, t, MAX_OPS);
         store_tile(p, t);
       }
@@ -1474,16 +1497,12 @@ void fused_views_cpu(const at::Tensor& x, const at::Tensor& spatial, const at::T
   if (p.K == 0 || p.B == 0 || p.HW == 0) return;
   const bool has_contrast = std::any_of(p.contrast_pos.begin(), p.contrast_pos.end(), [](int j) { return j < MAX_OPS; });
   std::vector<float> means;
-  if (has_contrast) {
+  if (has_contrast && p.n_tiles > 1) {
     std::vector<double> partials(static_cast<size_t>(p.K * p.B * p.n_tiles), 0.0);
     p.partials = partials.data();
     run_pass(p, /*prepass=*/true);
     means.assign(static_cast<size_t>(p.K * p.B), 0.f);
-    for (int64_t vb = 0; vb < p.K * p.B; ++vb) {
-      double sum = 0.0;
-      for (int64_t tile = 0; tile < p.n_tiles; ++tile) sum += partials[vb * p.n_tiles + tile];
-      means[vb] = static_cast<float>(sum / static_cast<double>(p.HW));
-    }
+    for (int64_t vb = 0; vb < p.K * p.B; ++vb) means[vb] = contrast_mean_of(&partials[vb * p.n_tiles], p.n_tiles, p.HW);
     p.partials = nullptr;
     p.contrast_mean = means.data();
   }
