@@ -1,10 +1,14 @@
 #include "output_pool.h"
 
+#include <cerrno>
+#include <cstring>
 #include <deque>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #ifdef __linux__
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -17,9 +21,17 @@ struct Mapping {
   size_t bytes;
 };
 
+class OutputPool;
+OutputPool& pool();
+
 // Freed mappings by age, behind one mutex: a tensor may be freed on any thread.
 class OutputPool {
  public:
+  OutputPool() {
+    // A DataLoader worker forked while another thread held the lock would wait on it forever.
+    pthread_atfork(nullptr, nullptr, [] { new (&pool().mutex_) std::mutex(); });
+  }
+
   void* take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -31,7 +43,11 @@ class OutputPool {
         }
       }
     }
-    return map(bytes);
+    void* ptr = map(bytes);
+    if (ptr == nullptr && release() > 0) ptr = map(bytes);  // the kept ones may be what is missing
+    TORCH_CHECK(ptr != nullptr, "fused_views_cpu: cannot map ", bytes, " bytes for the output: ",
+                std::strerror(errno));
+    return ptr;
   }
 
   void give_back(void* ptr, size_t bytes) {
@@ -69,11 +85,12 @@ class OutputPool {
   }
 
  private:
-  // A fresh mapping, its 2 MiB-aligned part advised onto huge pages before anything touches it (the
-  // first write then faults once per 2 MiB, not per 4 KiB; advice only, ignored under THP "never").
+  // A fresh mapping (nullptr if refused), its 2 MiB-aligned part advised onto huge pages before anything
+  // touches it (the first write then faults once per 2 MiB, not per 4 KiB; advice only, ignored under
+  // THP "never").
   static void* map(size_t bytes) {
     void* ptr = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    TORCH_CHECK(ptr != MAP_FAILED, "fused_views_cpu: cannot map ", bytes, " bytes for the output");
+    if (ptr == MAP_FAILED) return nullptr;
     constexpr uintptr_t kHuge = uintptr_t{2} << 20;
     const auto begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
     const auto end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);

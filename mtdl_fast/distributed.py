@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,10 +76,14 @@ def shutdown(completed: bool = True) -> None:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if completed and dist.get_world_size() > 1:
-        dist.barrier()
-    gc.collect()
-    dist.destroy_process_group()
+    try:
+        if completed and dist.get_world_size() > 1:
+            dist.barrier()
+    except RuntimeError as err:  # a peer left on an error: leave all the same, and say so
+        warnings.warn(f"leaving the process group without a peer: {err}", RuntimeWarning, stacklevel=2)
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def rank_seed(seed: int, rank_: int | None = None) -> int:

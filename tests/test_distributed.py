@@ -142,6 +142,27 @@ def test_rank_seeds_are_distinct_streams():
     assert not torch.allclose(draws[0], draws[1])
 
 
+def test_shutdown_leaves_the_group_even_when_a_peer_is_gone(monkeypatch):
+    """A peer that left on an error makes the barrier raise: the group is still destroyed, with a
+    warning; after failed work there is no barrier at all."""
+    calls = []
+
+    def barrier():
+        calls.append("barrier")
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "barrier", barrier)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    with pytest.warns(RuntimeWarning, match="Connection closed by peer"):
+        dist_utils.shutdown()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    dist_utils.shutdown(completed=False)
+    assert calls == ["destroy"]
+
+
 def test_single_process_helpers_are_identities():
     t = torch.randn(3)
     before = t.clone()
