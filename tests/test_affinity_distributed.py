@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawned_rank import run_rank
 from torch import nn
 
 from mtdl_fast.affinity import AffinityTracker
@@ -39,12 +40,7 @@ def _track(distributed: bool) -> dict:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.save(_track(distributed=True), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    run_rank(rank, WORLD, init_file, lambda: torch.save(_track(distributed=True), Path(out_dir) / f"rank{rank}.pt"))
 
 
 def test_ranks_fold_identical_statistics_equal_to_one_process(tmp_path):

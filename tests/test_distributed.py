@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawned_rank import run_rank
 
 from mtdl_fast import distributed as dist_utils
 from mtdl_fast.engine import MTDLEngine
@@ -67,31 +68,30 @@ def _train(scenario: dict, distributed: bool) -> dict:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        record = {"runs": [_train(s, distributed=True) for s in SCENARIOS]}
-        mixed = [torch.full((2, 3), float(rank + 1)), torch.full((4,), 10.0 * (rank + 1), dtype=torch.float64)]
-        dist_utils.all_reduce_mean_(mixed)
-        record["mixed"] = mixed
-        errors = {}
-        trunk, heads = MLPTrunk(36, (16,)), linear_heads(K, 16, 4)
-        opt = torch.optim.SGD(trunk.parameters(), lr=0.1)
-        for name, call in {
-            "divisible": lambda: dist_utils.check_divisible(7),
-            "stgu": lambda: MTDLEngine(DistributionTasks(["identity"] * K), trunk, heads, opt,
-                                       strategy=SelectiveGroupUpdates(trunk, heads, opt)),
-        }.items():
-            try:
-                call()
-            except ValueError as err:
-                errors[name] = str(err)
-        record["errors"] = errors
-        record["auto"] = MTDLEngine(DistributionTasks(["identity"] * K), MLPTrunk(36, (16,)), linear_heads(K, 16, 4),
-                                    torch.optim.SGD(MLPTrunk(36).parameters(), lr=0.1)).distributed
-        torch.save(record, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    run_rank(rank, WORLD, init_file, lambda: _record(rank, out_dir))
+
+
+def _record(rank: int, out_dir: str) -> None:
+    record = {"runs": [_train(s, distributed=True) for s in SCENARIOS]}
+    mixed = [torch.full((2, 3), float(rank + 1)), torch.full((4,), 10.0 * (rank + 1), dtype=torch.float64)]
+    dist_utils.all_reduce_mean_(mixed)
+    record["mixed"] = mixed
+    errors = {}
+    trunk, heads = MLPTrunk(36, (16,)), linear_heads(K, 16, 4)
+    opt = torch.optim.SGD(trunk.parameters(), lr=0.1)
+    for name, call in {
+        "divisible": lambda: dist_utils.check_divisible(7),
+        "stgu": lambda: MTDLEngine(DistributionTasks(["identity"] * K), trunk, heads, opt,
+                                   strategy=SelectiveGroupUpdates(trunk, heads, opt)),
+    }.items():
+        try:
+            call()
+        except ValueError as err:
+            errors[name] = str(err)
+    record["errors"] = errors
+    record["auto"] = MTDLEngine(DistributionTasks(["identity"] * K), MLPTrunk(36, (16,)), linear_heads(K, 16, 4),
+                                torch.optim.SGD(MLPTrunk(36).parameters(), lr=0.1)).distributed
+    torch.save(record, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
