@@ -46,7 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("spatial"), py::arg("ops"), py::arg("params"), py::arg("seed"), py::arg("mean"),
         py::arg("std"), py::arg("normalize"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("empty_output", &mtdl::empty_output,
-        "An uninitialised contiguous CPU tensor for fused_views_cpu's output: from 32 MiB on (Linux) a mapping "
+        "An uninitialised contiguous CPU tensor for fused_views_cpu's output: from 1 MiB on (Linux) a mapping "
         "advised onto huge pages and kept for reuse when freed (at most two kept), else at::empty.",
         py::arg("sizes"), py::arg("dtype"));
   m.def("release_cached_outputs", &mtdl::release_cached_outputs,

@@ -8,7 +8,7 @@ draws the kernel's Philox4x32-10 stream: the same seed gives the same noise on e
 
 The loop runs in the extension without the GIL, parallel over (image, row tile) on torch's intra-op
 threads (`torch.set_num_threads`; one thread inside DataLoader workers). It reads each source pixel
-once per thread and keeps a view's state for a tile of rows in L1. An output it allocates of 32 MiB or
+once per thread and keeps a view's state for a tile of rows in L1. An output it allocates of 1 MiB or
 more comes from the extension's own mappings (Linux): advised onto transparent huge pages before the
 first write and, once the tensor is freed, kept for the next call of the same size (at most two), so
 a loop does not pay a fresh mapping's page faults every call (at B=32 3x224x224 about 10 ms against

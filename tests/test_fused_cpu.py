@@ -13,7 +13,7 @@ the torch path.
 * Against DistributionTasks(backend="torch") for the same sampled params, within the budgets the
   README states for the fused kernel against the torch path.
 * float16 / bfloat16 outputs round like torch's .to(); the same bits for any thread count; `out`
-  fully overwritten; outputs from 32 MiB on advised onto huge pages and reused once freed (at most
+  fully overwritten; outputs from 1 MiB on advised onto huge pages and reused once freed (at most
   two kept, through shared memory too); every ISA clone gives the same bits (valgrind hides AVX-512);
   empty inputs; the launcher's checks and messages; garbage parameters stay in
   bounds; the GIL is released during the call.
@@ -342,7 +342,8 @@ def test_an_output_it_allocates_is_advised_onto_huge_pages():
     x = rand_images(16, 3, 224, 224, seed=49)
     got = fused_views_cpu(x, spatial, ops, params)  # 38.5 MB: its own mapping, advised before the first write
     assert "hg" in _vm_flags(got.data_ptr() + got.nbytes // 2)
-    small = fused_views_cpu(x[:1], spatial, ops, params[:, :1])  # 2.4 MB, perhaps on glibc's heap: left alone
+    small_program = build([[], [rotate()]], 1, 3, 64, 64, seed=48)[:3]
+    small = fused_views_cpu(rand_images(1, 3, 64, 64, seed=49), *small_program)  # 98 KB: torch's, left alone
     assert "hg" not in _vm_flags(small.data_ptr() + small.nbytes // 2)
     given = torch.full_like(got, float("nan"))
     assert fused_views_cpu(x, spatial, ops, params, out=given) is given and torch.equal(given, got)
@@ -350,7 +351,7 @@ def test_an_output_it_allocates_is_advised_onto_huge_pages():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the output pool maps memory on Linux")
 def test_a_freed_output_is_reused_and_fully_overwritten():
-    """Outputs from 32 MiB on come from the pool: a freed one is handed to the next call of its size
+    """Outputs from 1 MiB on come from the pool: a freed one is handed to the next call of its size
     with the last views still in it, and every byte is written again; never to two calls at once,
     never to another size."""
     from mtdl_fast.fused_cpu import empty_cache
@@ -374,21 +375,22 @@ def test_a_freed_output_is_reused_and_fully_overwritten():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the output pool maps memory on Linux")
-def test_the_pool_keeps_at_most_two_and_empties():
+@pytest.mark.parametrize("floats", [9 << 20, 1 << 18], ids=["36MiB", "1MiB"])
+def test_the_pool_keeps_at_most_two_and_empties(floats):
     from mtdl_fast.fused_cpu import empty_cache
 
     empty_cache()
-    size = [9 << 20]  # 36 MiB of float32
-    outs = [ext().empty_output(size, torch.float32) for _ in range(3)]
+    nbytes = 4 * floats
+    outs = [ext().empty_output([floats], torch.float32) for _ in range(3)]
     for i in range(3):
         outs[i].fill_(1.5)
     outs.pop()
-    assert ext().cached_output_bytes() == 9 << 22
+    assert ext().cached_output_bytes() == nbytes
     del outs  # three freed, two kept
-    assert ext().cached_output_bytes() == 2 * (9 << 22)
-    assert empty_cache() == 2 * (9 << 22) and ext().cached_output_bytes() == 0
-    small = ext().empty_output([3, 5], torch.bfloat16)  # under 32 MiB: glibc's heap, never pooled
-    assert small.shape == (3, 5) and small.dtype == torch.bfloat16
+    assert ext().cached_output_bytes() == 2 * nbytes
+    assert empty_cache() == 2 * nbytes and ext().cached_output_bytes() == 0
+    small = ext().empty_output([(1 << 19) - 1], torch.bfloat16)  # a byte pair under 1 MiB: torch's, never pooled
+    assert small.shape == ((1 << 19) - 1,) and small.dtype == torch.bfloat16
     del small
     assert ext().cached_output_bytes() == 0
     with pytest.raises(RuntimeError, match="negative size"):
