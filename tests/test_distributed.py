@@ -210,6 +210,19 @@ def test_torchrun_run_matches_single_process(tmp_path):
             torch.testing.assert_close(state_two["engine"][part][name], value, atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_rank_ends_without_interpreter_teardown(world):
+    """The console script under torchrun: its exit code and flushed output, no teardown (an atexit
+    handler stands for it); in one process the usual exit."""
+    code = ("import atexit, sys; atexit.register(lambda: print('teardown')); "
+            "sys.argv = ['mtdl-fast', 'groups', '/no/such/affinity.csv']; "
+            "from mtdl_fast.app.cli import script_main; script_main()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "WORLD_SIZE": world})
+    assert proc.returncode == 2 and "/no/such/affinity.csv does not exist" in proc.stderr
+    assert ("teardown" in proc.stdout) == (world == "1")
+
+
 def test_resume_needs_the_same_world_size(tmp_path):
     from mtdl_fast.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from mtdl_fast.app.trainer import RunConfig, build_engine, load_dataset, load_run_checkpoint, save_run_checkpoint

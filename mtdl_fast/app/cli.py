@@ -18,6 +18,7 @@ Adding a command::
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -110,6 +111,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def script_main() -> None:
+    """The ``mtdl-fast`` console script and ``python -m mtdl_fast``: `main`, then exit with its code.
+
+    A rank launched by torchrun has left its process group by then (`mtdl_fast.distributed.shutdown`)
+    and ends without interpreter teardown, its output flushed: torch's gloo backend can abort a rank
+    whose work is done in that teardown ("terminate called without an active exception"), which
+    torchrun would report as a failed job.
+    """
+    code = main()
+    if dist_utils.launched_by_torchrun():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 # ----------------------------------------------------------------------------------------------
