@@ -178,7 +178,7 @@ RUN_ARGS = ["--tasks", "identity,horizontal_flip,vertical_flip,invert", "--trunk
 
 
 def _cli(prefix: list[str], out: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run([*prefix, "-m", "mtdl_fast", "run", *RUN_ARGS, "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
