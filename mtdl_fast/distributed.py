@@ -13,10 +13,12 @@ Every function here is a no-op, or the identity, in a single process.
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -84,6 +86,16 @@ def shutdown(completed: bool = True) -> None:
     finally:
         gc.collect()
         dist.destroy_process_group()
+
+
+def exit_rank(code: int = 0) -> NoReturn:
+    """End this rank now, after `shutdown`: logging shut down, output flushed, then ``os._exit(code)``
+    without interpreter teardown. There torch's gloo backend can abort a rank whose work is done
+    ("terminate called without an active exception"), which a launcher reports as a failed rank."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rank_seed(seed: int, rank_: int | None = None) -> int:

@@ -18,13 +18,12 @@ Adding a command::
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mtdl_fast import distributed as dist_utils
 
@@ -113,20 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def script_main() -> None:
-    """The ``mtdl-fast`` console script and ``python -m mtdl_fast``: `main`, then exit with its code.
-
-    A rank launched by torchrun has left its process group by then (`mtdl_fast.distributed.shutdown`)
-    and ends without interpreter teardown, its output flushed: torch's gloo backend can abort a rank
-    whose work is done in that teardown ("terminate called without an active exception"), which
-    torchrun would report as a failed job.
-    """
+def script_main() -> NoReturn:
+    """The ``mtdl-fast`` console script and ``python -m mtdl_fast``: `main`, then exit with its code;
+    a rank launched by torchrun, which has left its process group by then, through
+    `mtdl_fast.distributed.exit_rank` (no interpreter teardown, where gloo can abort a finished rank)."""
     code = main()
     if dist_utils.launched_by_torchrun():
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        dist_utils.exit_rank(code)
     sys.exit(code)
 
 
