@@ -402,9 +402,10 @@ MTDL_FV_INLINE void source_xy(const RowMap& r, int32_t x, float* sx, float* sy) 
   *sy = v > r.cy1 ? r.cy1 : v;
 }
 
-// Bilinear taps of `rows` rows from r's row on, row after row: grid_sample's weights nw = (x1 - sx) (y1 - sy), ne, sw, se, and the float
-// offset of the top-left tap in ws.pixels (a tap pair and the pair below it; when no tap is in the
-// image, the zero tail). With a fill, msk = the same sampling of an all-ones image.
+// Bilinear taps of `rows` rows from r's row on, row after row: grid_sample's weights
+// nw = (x1 - sx) (y1 - sy), ne, sw, se, and the float offset of the top-left tap in ws.pixels (a tap
+// pair and the pair below it; when no tap is in the image, the zero tail). With a fill, msk = the
+// same sampling of an all-ones image.
 MTDL_FV_INLINE void bilinear_taps(RowMap r, int64_t rows, int64_t W, bool fill, float* MTDL_FV_RESTRICT nw,
                                   float* MTDL_FV_RESTRICT ne, float* MTDL_FV_RESTRICT sw, float* MTDL_FV_RESTRICT se,
                                   float* MTDL_FV_RESTRICT msk, int32_t* MTDL_FV_RESTRICT offset) {
@@ -453,7 +454,7 @@ MTDL_FV_INLINE void store_lanes(Lanes v, int64_t C, float* const* dst, int64_t x
 }
 
 #ifdef MTDL_FV_X86
-// Columns [0, n8) of warp_row_bilinear's sum (n8 a multiple of 8) with AVX2: two pixels per register
+// Pixels [0, n8) of warp_rows_bilinear's sum (n8 a multiple of 8) with AVX2: two pixels per register
 // (a tap's four channels in each half, the weights spread to match), the same products and sums in
 // the same order, then eight (r, g, b, 0) pixels transposed into three planar stores.
 __attribute__((target("avx2"), noinline)) void bilinear_gather_avx2(const float* px, const int32_t* offset,
